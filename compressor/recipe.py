@@ -1,0 +1,382 @@
+"""The recipe schema: the single source of truth for every option.
+
+A recipe is a YAML file validated by the pydantic models below. Field descriptions are the
+documentation: README's option table is generated from them (`python -m compressor.recipe`).
+
+Loading goes: YAML -> `--set key.path=value` overrides applied to the raw mapping -> pydantic
+validation -> checks that need the model's shapes (`check_against_model`). Every failure becomes a
+`RecipeError` naming the file, the key path (`stages[0].quantize.group_size`), the bad value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from compressor.errors import RecipeError, UserError
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- model
+class ModelSpec(_Strict):
+    source: str = Field(
+        "smollm2-135m",
+        description="The embedded default `smollm2-135m`, a local Hugging Face directory, a "
+        "`.gguf` file, or a Hub id (`owner/name`, needs network).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a Hub id.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Compute dtype: `auto` is float32 on CPU and float16 on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where compression runs: `auto` picks CUDA when available."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the Hub repository (off unless you trust it)."
+    )
+
+
+# ---------------------------------------------------------------------------------------- data
+class TextSource(_Strict):
+    source: str = Field(
+        "python-docs",
+        description="`python-docs` (embedded CPython docs), `wikitext2`, `c4`, a Hub dataset id, "
+        "or a local `.txt` / `.jsonl` / `.parquet` file.",
+    )
+    config: str | None = Field(None, description="Hub dataset configuration name (e.g. `wikitext-2-raw-v1`).")
+    split: str | None = Field(
+        None, description="Dataset split; default `train` for calibration and `test` for evaluation."
+    )
+    text_field: str = Field("text", description="Column holding the text in datasets and .jsonl/.parquet files.")
+
+
+class CalibrationData(TextSource):
+    samples: int = Field(64, ge=1, description="Number of calibration sequences.")
+    seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence.")
+    seed: int = Field(0, ge=0, description="Seed for choosing the calibration windows.")
+
+
+class EvaluationData(TextSource):
+    seq_len: int = Field(
+        2048, ge=8, description="Perplexity window length, capped by the model's context length."
+    )
+    max_windows: int | None = Field(
+        None, ge=1, description="Evaluate only the first N windows (default: all of them)."
+    )
+    batch_size: int = Field(1, ge=1, description="Windows per forward pass during evaluation.")
+
+
+class DataSection(_Strict):
+    calibration: CalibrationData = Field(default_factory=CalibrationData)
+    evaluation: EvaluationData = Field(default_factory=EvaluationData)
+
+
+# -------------------------------------------------------------------------------------- stages
+class QuantizeStage(_Strict):
+    method: Literal["gptq", "rtn"] = Field(
+        "gptq", description="`gptq` (Hessian-aware) or `rtn` (round to nearest, a baseline)."
+    )
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    group_size: int = Field(
+        64,
+        description="Input rows sharing one scale/zero: -1 (one group per output) or a positive "
+        "divisor of every quantized layer's input width.",
+    )
+    sym: bool = Field(True, description="Symmetric quantization (zero point fixed at 2^(bits-1)).")
+    desc_act: bool = Field(
+        False, description="Act-order: quantize columns by decreasing Hessian diagonal (writes g_idx)."
+    )
+    static_groups: bool = Field(
+        False, description="With desc_act: fix group scales before reordering, so g_idx stays k // group_size."
+    )
+    damp_percent: float = Field(
+        0.01, gt=0, lt=1, description="Damping added to the Hessian diagonal, as a fraction of its mean."
+    )
+    max_damp_percent: float = Field(
+        1.0, gt=0, le=10, description="Damping escalates (x2, logged) up to this when the Hessian is not positive definite."
+    )
+    block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width (columns).")
+    true_sequential: bool = Field(
+        True,
+        description="Quantize a block's linears in execution order (q/k/v, o, gate/up, down), each "
+        "calibrated on the outputs of those already quantized.",
+    )
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Module names (glob patterns, e.g. `*.down_proj`) left unquantized.",
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be -1 or a positive integer")
+        return v
+
+    @model_validator(mode="after")
+    def _static_needs_act_order(self) -> "QuantizeStage":
+        if self.static_groups and self.group_size == -1:
+            raise ValueError("static_groups needs a group_size other than -1")
+        if self.max_damp_percent < self.damp_percent:
+            raise ValueError("max_damp_percent must be >= damp_percent")
+        return self
+
+
+class QuantizeEntry(_Strict):
+    quantize: QuantizeStage = Field(default_factory=QuantizeStage)
+
+
+STAGE_KINDS = ("quantize",)
+
+
+def _stage_kind(value: Any) -> str | None:
+    if isinstance(value, dict) and len(value) == 1:
+        key = next(iter(value))
+        return key if key in STAGE_KINDS else None
+    if isinstance(value, BaseModel):
+        return next(iter(type(value).model_fields))
+    return None
+
+
+Stage = Annotated[
+    Union[Annotated[QuantizeEntry, Tag("quantize")]],
+    Discriminator(
+        _stage_kind,
+        custom_error_type="stage",
+        custom_error_message="each stage is a mapping with exactly one key, one of: " + ", ".join(STAGE_KINDS),
+    ),
+]
+
+
+# ----------------------------------------------------------------------------- evaluate/export
+class EvaluateSection(_Strict):
+    perplexity: bool = Field(True, description="Measure perplexity of the compressed model.")
+    dense: bool = Field(True, description="Also measure the dense model first, for the comparison.")
+
+
+class ExportSection(_Strict):
+    format: Literal["gptq"] = Field("gptq", description="Artifact format: `gptq` (GPTQ v1 safetensors).")
+    max_shard_size: str = Field("2GB", description="Split safetensors into shards above this size.")
+    overwrite: bool = Field(False, description="Replace an existing output directory (only after success).")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class ComputeSection(_Strict):
+    calibration_batch_size: int = Field(
+        0,
+        ge=0,
+        description="Calibration samples per forward through a block; 0 sends all at once when "
+        "they fit `max_activation_gb`, which lets one pass per block quantize true-sequentially.",
+    )
+    max_activation_gb: float = Field(
+        6.0, gt=0, description="Memory budget for one block's calibration activations (auto batching)."
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+
+
+class Recipe(_Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec, description="A string is shorthand for `{source: ...}`.")
+    data: DataSection = Field(default_factory=DataSection)
+    stages: list[Stage] = Field(default_factory=lambda: [QuantizeEntry()])
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
+    output: str = Field("runs/compressed", description="The artifact directory to write.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"source": v} if isinstance(v, str) else v
+
+    def stage_list(self) -> list[tuple[str, BaseModel]]:
+        """(kind, options) for each stage, in order."""
+        return [(kind, getattr(entry, kind)) for entry in self.stages for kind in [_stage_kind(entry)]]
+
+
+# ----------------------------------------------------------------------------------- helpers
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size like '500MB' or '2GB'")
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def format_loc(loc: tuple) -> str:
+    """('stages', 0, 'quantize', 'quantize', 'bits') -> 'stages[0].quantize.bits'."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif parts and parts[-1] == f".{item}":
+            continue  # a discriminated union repeats its tag as the next key
+        else:
+            parts.append(f".{item}")
+    return "".join(parts).lstrip(".")
+
+
+def _allowed_text(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _raise_first(exc: ValidationError, file: str) -> None:
+    errors = exc.errors()
+    err = errors[0]
+    extra = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    raise RecipeError(file, format_loc(err["loc"]), err.get("input"), _allowed_text(err) + extra) from None
+
+
+_KEY_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\[\d+\]|\d+")
+
+
+def split_key_path(path: str) -> list[str | int]:
+    """'stages[0].quantize.bits' or 'stages.0.quantize.bits' -> ['stages', 0, 'quantize', 'bits']."""
+    keys: list[str | int] = []
+    for piece in path.split("."):
+        tokens = _KEY_PATH.findall(piece)
+        if not piece or "".join(tokens) != piece:
+            raise UserError(f"--set {path}: malformed key path (use e.g. stages[0].quantize.bits)")
+        for tok in tokens:
+            keys.append(int(tok.strip("[]")) if tok.strip("[]").isdigit() else tok)
+    return keys
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `key.path=value` to the raw recipe mapping; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment}: expected KEY.PATH=VALUE")
+    path, text = assignment.split("=", 1)
+    keys = split_key_path(path.strip())
+    value = yaml.safe_load(text) if text.strip() else ""
+    # Missing keys are filled from the defaults, so `--set stages[0].quantize.bits=3` works on a
+    # recipe that never wrote `stages`.
+    node: Any = raw
+    default: Any = Recipe().model_dump(mode="json")
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(key, int):
+            if not isinstance(node, list) or key >= len(node):
+                raise UserError(f"--set {path}: index [{key}] is out of range")
+            node = node[key]
+            default = default[key] if isinstance(default, list) and key < len(default) else None
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"--set {path}: {key!r} is below a value that is not a mapping")
+        sub_default = default.get(key) if isinstance(default, dict) else None
+        child = node.get(key)
+        if key == "model" and isinstance(child, str):
+            child = node[key] = {"source": child}  # string shorthand becomes a mapping
+        if child is None:
+            child = node[key] = copy.deepcopy(sub_default) if sub_default is not None else ([] if isinstance(nxt, int) else {})
+        node, default = child, sub_default
+    last = keys[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise UserError(f"--set {path}: index [{last}] is out of range")
+    elif not isinstance(node, dict):
+        raise UserError(f"--set {path}: {'.'.join(map(str, keys[:-1]))} is not a mapping")
+    node[last] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe. `path=None` starts from the defaults."""
+    file = str(path) if path is not None else "<defaults>"
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{file}: recipe file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{file}: a recipe is a mapping of sections (model, data, stages, ...)")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        _raise_first(exc, file)
+        raise  # unreachable
+
+
+def check_against_model(recipe: Recipe, layer_in_features: dict[str, int], file: str = "") -> None:
+    """Checks that need the model: every group size divides every quantized input width."""
+    widths = sorted(set(layer_in_features.values()))
+    for i, (kind, stage) in enumerate(recipe.stage_list()):
+        if kind != "quantize" or stage.group_size == -1:
+            continue
+        bad = [w for w in widths if w % stage.group_size]
+        if bad:
+            common = sorted({d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths) and d >= 16})
+            raise RecipeError(
+                file,
+                f"stages[{i}].quantize.group_size",
+                stage.group_size,
+                f"must be -1 or divide every quantized layer's input width {widths} "
+                f"(e.g. {', '.join(map(str, common[-4:]))})",
+            )
+
+
+def schema_markdown() -> str:
+    """The option table for README, generated from the models above."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = f"{prefix}{name}"
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if sub is not None:
+                walk(sub, key + ".")
+                continue
+            if name == "stages":
+                walk(QuantizeStage, "stages[i].quantize.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            tname = str(ann).replace("typing.", "").replace(" | ", " or ").replace("|", " or ")
+            tname = getattr(ann, "__name__", tname) if "[" not in tname and " or " not in tname else tname
+            lines.append(f"| `{key}` | {tname} | `{default!r}` | {field.description or ''} |")
+
+    walk(Recipe, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(schema_markdown())
