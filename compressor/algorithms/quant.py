@@ -80,6 +80,13 @@ class QuantizedWeight:
     def in_features(self) -> int:
         return self.codes.shape[1]
 
+    def rows(self, rows: slice) -> "QuantizedWeight":
+        """The record of output rows `rows` (for splitting a stacked q/k/v quantization)."""
+        return QuantizedWeight(
+            self.codes[rows].contiguous(), self.scales[:, rows].contiguous(), self.zeros[:, rows].contiguous(),
+            self.g_idx, self.bits, self.group_size, self.sym,
+        )  # fmt: skip
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat [N, K] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n])."""
         g = self.g_idx.long()

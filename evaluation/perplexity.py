@@ -1,0 +1,82 @@
+"""Perplexity of a causal LM on a token stream, by one fixed protocol.
+
+1. `seq_len` is capped by `model.config.max_position_embeddings`.
+2. The stream is cut into non-overlapping windows of `seq_len` tokens; the final partial
+   window is dropped (`max_windows` keeps only the first N).
+3. Each window is scored on its own: no context is carried over from the previous window, so
+   a window's first token is never predicted and each window yields `seq_len - 1` predictions.
+4. The NLL of every next-token prediction is computed in float32 from the logits
+   (cross-entropy of logits[:, :-1] against ids[:, 1:]) and summed over all windows (the
+   running total is a Python float, float64).
+5. perplexity = exp(total NLL / number of predictions).
+
+Windows are batched `batch_size` at a time without padding (all windows have the same
+length), so the batch size does not change the result beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compressor.errors import UserError
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float  # nats per predicted token
+    tokens: int  # predicted tokens: windows * (seq_len - 1)
+    windows: int
+    seq_len: int  # after the cap by max_position_embeddings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def perplexity(
+    model,
+    token_ids: torch.Tensor,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Score `token_ids` ([T] int64) with `model` by the protocol in the module docstring."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    seq_len = min(seq_len, max_pos) if max_pos else seq_len
+    token_ids = token_ids.reshape(-1)
+    n_windows = token_ids.numel() // seq_len
+    if n_windows == 0:
+        raise UserError(
+            f"data.evaluation: perplexity needs at least {seq_len} tokens (one window of seq_len), "
+            f"but the evaluation text has {token_ids.numel()} tokens"
+        )
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    windows = token_ids[: n_windows * seq_len].view(n_windows, seq_len)
+
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    with torch.inference_mode(), tqdm(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:
+        for batch in windows.split(batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            total_nll += window_nll(logits, batch).item()
+            bar.update(len(batch))
+
+    tokens = n_windows * (seq_len - 1)
+    mean_nll = total_nll / tokens
+    return PerplexityResult(math.exp(mean_nll), mean_nll, tokens, n_windows, seq_len)
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of [B, S] ids under [B, S, V] logits, in float32 (half-precision
+    log-softmax over a large vocabulary loses digits)."""
+    pred = logits[:, :-1].float()
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
