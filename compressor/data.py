@@ -4,8 +4,8 @@ A source (`data.calibration.source`, `data.evaluation.source`) is one of:
 
 - `python-docs` (the default; offline): CPython's documentation topics, the dict
   `pydoc_data.topics.topics` that ships with every Python (~80 topics, ~465k characters).
-  The split is deterministic and disjoint: sort the topic names; topic i (0-based in that
-  order) is evaluation text when `i % PYTHON_DOCS_EVAL_EVERY == 0` (i % 5 == 0: 16 topics,
+  The split is deterministic and disjoint: sort the topic names, keep each distinct text once
+  (some names alias the same text); text i (0-based in that order) is evaluation text when `i % PYTHON_DOCS_EVAL_EVERY == 0` (i % 5 == 0: 16 topics,
   ~17k SmolLM2 tokens, 8 windows of 2048 on Python 3.11), calibration text otherwise. The topics differ between Python versions, so
   compare python-docs perplexities measured under the same Python.
 - `wikitext2`: `wikitext` / `wikitext-2-raw-v1` from the Hub. Rows are kept verbatim, blank
@@ -86,12 +86,11 @@ def python_docs(part: Part) -> list[str]:
     """CPython's documentation topics of one part of the fixed split (see the module docstring)."""
     from pydoc_data.topics import topics
 
+    # A few topic names alias the same text; keep each text once (at its first name) so no
+    # text can land in both parts.
+    unique = list(dict.fromkeys(topics[name] for name in sorted(topics)))
     want_eval = part == "evaluation"
-    return [
-        topics[name]
-        for i, name in enumerate(sorted(topics))
-        if (i % PYTHON_DOCS_EVAL_EVERY == 0) == want_eval
-    ]
+    return [text for i, text in enumerate(unique) if (i % PYTHON_DOCS_EVAL_EVERY == 0) == want_eval]
 
 
 def _take(docs, keep_blank: bool) -> list[str]:
