@@ -38,7 +38,7 @@ class GPTQLayerwise:
             result = gptq_quantize(
                 stacked, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym,
                 act_order=o.desc_act, static_groups=o.static_groups, block_size=o.block_size,
-                damp_percent=o.damp_percent, max_damp_percent=o.max_damp_percent,
+                damp_percent=o.damp_percent, max_damp_percent=o.max_damp_percent, mse=o.mse,
             )  # fmt: skip
         else:
             result = rtn_quantize_result(stacked, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym)

@@ -114,6 +114,9 @@ class QuantizeStage(_Strict):
     max_damp_percent: float = Field(
         1.0, gt=0, le=10, description="Damping escalates (x2, logged) up to this when the Hessian is not positive definite."
     )
+    mse: bool = Field(
+        False, description="Choose each group's range by searching shrink factors for the least error (slower, better)."
+    )
     block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width (columns).")
     true_sequential: bool = Field(
         True,

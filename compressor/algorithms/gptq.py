@@ -88,6 +88,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp_percent: float = 0.01,
     max_damp_percent: float = 1.0,
+    mse: bool = False,
 ) -> QuantizeResult:
     n, k = weight.shape
     gs = k if group_size == -1 else group_size
@@ -104,7 +105,7 @@ def gptq_quantize(
     zeros = torch.zeros(num_groups, n)
     if static_groups:
         for g in range(num_groups):
-            scales[g], zeros[g] = grid_params(W[:, g * gs : (g + 1) * gs], bits, sym)
+            scales[g], zeros[g] = grid_params(W[:, g * gs : (g + 1) * gs], bits, sym, mse)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W = W[:, perm]
@@ -134,7 +135,7 @@ def gptq_quantize(
                 if i + gs > i2 - i1:
                     ahead = torch.cat([ahead, W[:, i2 : col + gs]], dim=1)
                 g = col // gs
-                scales[g], zeros[g] = grid_params(ahead, bits, sym)
+                scales[g], zeros[g] = grid_params(ahead, bits, sym, mse)
             if col == 0 or group_of_position[col] != group_of_position[col - 1]:
                 scale, zero = scales[int(group_of_position[col])], zeros[int(group_of_position[col])]
             w = W1[:, i]

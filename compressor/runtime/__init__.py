@@ -1,0 +1,258 @@
+"""Run GPTQ v1 checkpoints (ours or AutoGPTQ/GPTQModel ones) with plain PyTorch + transformers.
+
+`load` builds the architecture from config.json with its parameters on the meta device (no
+memory, no random init), swaps every Linear whose `<name>.qweight` is in the checkpoint for a
+`QuantLinear`, and assigns the stored tensors. No gptqmodel/optimum is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import ArtifactError
+from compressor.export.artifact import verify_manifest
+from compressor.packing import SUPPORTED_BITS
+from compressor.runtime.quant_linear import QuantLinear, dequantize_gptq_v1, register_kernel
+
+__all__ = [
+    "QuantLinear",
+    "dequantize_gptq_v1",
+    "gptq_config",
+    "is_gptq_artifact",
+    "load",
+    "load_tokenizer",
+    "register_kernel",
+]
+
+log = logging.getLogger(__name__)
+
+_LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+_REQUIRED_LAYER_TENSORS = ("qweight", "qzeros", "scales")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return data
+
+
+def _declared_quantization(path: Path) -> dict | None:
+    """config.json's quantization_config, else quantize_config.json (AutoGPTQ's file, GPTQ only)."""
+    config = _read_json(path / "config.json")
+    legacy_file = path / "quantize_config.json"
+    legacy = _read_json(legacy_file) if legacy_file.is_file() else None
+    qc = config.get("quantization_config")
+    if qc is None and legacy is not None:
+        qc = {"quant_method": "gptq", **legacy}
+    if not isinstance(qc, dict):
+        return None
+    qc = dict(qc)
+    if legacy is not None:  # older config.json blocks leave the format to quantize_config.json
+        for key in ("checkpoint_format", "format", "is_marlin_format"):
+            if key not in qc and key in legacy:
+                qc[key] = legacy[key]
+    return qc
+
+
+def is_gptq_artifact(path) -> bool:
+    """Whether `path` is a directory that declares GPTQ quantization (any format or bit width)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        qc = _declared_quantization(path)
+    except ArtifactError:
+        return False
+    return qc is not None and qc.get("quant_method") == "gptq"
+
+
+def gptq_config(path) -> dict:
+    """The checkpoint's GPTQ quantization config, checked to be one this runtime executes."""
+    path = Path(path)
+    qc = _declared_quantization(path)
+    if qc is None or qc.get("quant_method") != "gptq":
+        found = "no quantization_config" if qc is None else f"quant_method {qc.get('quant_method')!r}"
+        raise ArtifactError(f"{path}: not a GPTQ checkpoint ({found}); expected quantization_config.quant_method 'gptq'")
+    fmt = "marlin" if qc.get("is_marlin_format") else (qc.get("checkpoint_format") or qc.get("format") or "gptq")
+    if fmt != "gptq":
+        raise ArtifactError(
+            f"{path}: checkpoint_format {fmt!r} is not supported; only GPTQ v1 checkpoints (checkpoint_format 'gptq') load"
+        )
+    if qc.get("bits") not in SUPPORTED_BITS:
+        supported = ", ".join(map(str, SUPPORTED_BITS))
+        raise ArtifactError(f"{path}: bits {qc.get('bits')!r} is not supported; GPTQ bits must be one of {supported}")
+    return qc
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards an index names, else every safetensors (or .bin) file."""
+    indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
+    if indexes:
+        weight_map = _read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ArtifactError(f"{indexes[0]}: no weight_map")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise ArtifactError(f"{file}: shard named in {indexes[0].name} is missing")
+        return files
+    files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.glob("*.bin") if p.name != "training_args.bin")
+    if not files:
+        raise ArtifactError(f"{path}: no weight files (*.safetensors or *.bin)")
+    return files
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                tensors.update(load_file(file))
+            else:
+                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as exc:  # corrupted headers, truncated files, pickles with code
+            raise ArtifactError(f"{file}: unreadable weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return tensors
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device but buffers for real.
+
+    Non-persistent buffers (RoPE's inv_freq) are computed in __init__ and absent from
+    checkpoints, so they must exist; parameters all come from the checkpoint, so allocating
+    and randomly initializing them would only cost time and memory.
+    """
+    register_parameter = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear or of transformers' Conv1D (GPT-2), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":  # weight stored [in, out]
+        return tuple(module.weight.shape)
+    return None
+
+
+def _install_quant_linears(model, tensors: dict, bits: int, group_size, cache_dequantized: bool, path: Path) -> None:
+    """Replace each module with `<name>.qweight` in `tensors` by a QuantLinear; consumes its tensors."""
+    names = sorted(key[: -len(".qweight")] for key in tensors if key.endswith(".qweight"))
+    if not names:
+        raise ArtifactError(f"{path}: declares GPTQ but holds no '.qweight' tensors")
+    for name in names:
+        layer = {s: tensors.pop(f"{name}.{s}") for s in _LAYER_TENSORS if f"{name}.{s}" in tensors}
+        tensors.pop(f"{name}.weight", None)  # a stray float copy would be unexpected anyway
+        missing = [f"{name}.{s}" for s in _REQUIRED_LAYER_TENSORS if s not in layer]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"{path}: {name}.qweight names no module of {type(model).__name__}") from None
+        shape = _linear_shape(module)
+        if shape is None:
+            raise ArtifactError(f"{path}: {name} is a {type(module).__name__}, not a linear layer, but has qweight")
+        if getattr(module, "bias", None) is not None and "bias" not in layer:
+            missing.append(f"{name}.bias")
+        if missing:
+            raise ArtifactError(f"{path}: missing tensors {', '.join(missing)}")
+        try:
+            quant = QuantLinear.from_tensors(layer, bits, group_size, cache_dequantized)
+        except (ValueError, KeyError) as exc:
+            raise ArtifactError(f"{path}: {name}: {exc}") from None
+        if (quant.in_features, quant.out_features) != shape:
+            raise ArtifactError(
+                f"{path}: {name} packs a {quant.in_features}->{quant.out_features} weight; the architecture has {shape[0]}->{shape[1]}"
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)
+
+
+def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = True, cache_dequantized: bool = True):
+    """A transformers causal LM whose GPTQ-quantized linears are `QuantLinear`, in eval mode on `device`.
+
+    Float tensors are cast to `dtype` (default float32 on CPU, float16 on CUDA); the packed
+    weights stay packed. With `verify`, a manifest.json present is checked first.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: not a directory; expected a GPTQ checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path}: no config.json; expected a GPTQ checkpoint directory")
+    if verify:
+        verify_manifest(path)
+    qconfig = gptq_config(path)
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path}/config.json: {str(exc).splitlines()[0][:300]}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # plain architecture; our QuantLinear does the dequantizing
+    tensors = _read_tensors(_weight_files(path))
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _install_quant_linears(model, tensors, qconfig["bits"], qconfig.get("group_size"), cache_dequantized, path)
+
+    state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    for module in model.modules():  # QuantLinear biases follow the float dtype; scales stay fp16 (exact)
+        if isinstance(module, QuantLinear) and module.bias is not None:
+            module.bias = module.bias.to(dtype)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise ArtifactError(f"{path}: tensors do not fit the architecture: {' '.join(str(exc).split())[:400]}") from None
+    model.tie_weights()  # e.g. lm_head from the embeddings when tie_word_embeddings
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ArtifactError(f"{path}: missing tensors {shown}")
+    if result.unexpected_keys:
+        log.warning("%s: ignoring %d tensors the architecture does not use: %s", path, len(result.unexpected_keys),
+                    ", ".join(result.unexpected_keys[:5]))
+
+    model.config.quantization_config = qconfig  # for reference: what the packed weights are
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path):
+    """The tokenizer saved next to the checkpoint."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:200]})") from None

@@ -1,0 +1,262 @@
+"""The `compress` command line.
+
+Exit codes: 0 success, 2 bad input (recipe, paths, options), 1 internal failure. Errors print as
+one line on stderr; `compress --debug ...` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from compressor.errors import UserError
+
+log = logging.getLogger("compressor")
+
+
+class _Group(click.Group):
+    """Turns exceptions into one line and the documented exit code."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        argv = kwargs.get("args") or (args[0] if args else None) or sys.argv[1:]
+        debug = "--debug" in argv
+        try:
+            rv = super().main(*args, **kwargs)
+            sys.exit(rv if isinstance(rv, int) else 0)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)  # usage errors exit 2
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except UserError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - the documented exit 1
+            if debug:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with `compress --debug ...` for the traceback)", err=True)
+            sys.exit(1)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", is_flag=True, help="More log output.")
+def main(debug: bool, verbose: bool) -> None:
+    """compressor: shrink an open LLM (GPTQ) and produce a serving-ready artifact.
+
+    \b
+    Typical use:
+      compress validate recipes/smollm2-w4g64.yaml
+      compress run recipes/smollm2-w4g64.yaml
+      compress eval runs/smollm2-w4g64
+      compress generate runs/smollm2-w4g64 "def fibonacci(n):"
+    """
+    _setup_logging(verbose)
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Override a recipe value, e.g. --set stages[0].quantize.bits=3 (repeatable; values are YAML).",
+)  # fmt: skip
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_set_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory once the new artifact is complete.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, no_progress: bool) -> None:
+    """Run RECIPE: load the model, run its stages, evaluate, export the artifact.
+
+    The artifact directory (recipe key `output`) receives the checkpoint, report.json,
+    report.md, a per-layer error plot, the resolved recipe and a manifest of sha256 sums.
+    """
+    from compressor.pipeline import run as run_pipeline
+    from compressor.recipe import load_recipe
+
+    r = load_recipe(recipe, list(overrides))
+    result = run_pipeline(r, str(recipe), overwrite=overwrite, progress=not no_progress)
+    ppl = result.report["perplexity"]
+    size = result.report["size"]
+    click.echo(f"artifact: {result.output}")
+    if ppl.get("dense") and ppl.get("compressed"):
+        click.echo(
+            f"perplexity: dense {ppl['dense']['perplexity']:.4f} -> compressed "
+            f"{ppl['compressed']['perplexity']:.4f} ({100 * ppl['increase']:+.2f}%)"
+        )
+    elif ppl.get("compressed"):
+        click.echo(f"perplexity: compressed {ppl['compressed']['perplexity']:.4f}")
+    click.echo(
+        f"size: {size['artifact_weights_bytes'] / 1e6:.1f} MB "
+        f"({size['artifact_over_dense_fp16']:.3f}x of dense fp16, {size['artifact_over_ideal']:.3f}x of ideal)"
+    )
+    click.echo(f"report: {result.output / 'report.md'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_set_option
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE without running it: schema, model source, group sizes against the model's shapes."""
+    from compressor.pipeline import validate as validate_recipe
+    from compressor.recipe import load_recipe
+
+    r = load_recipe(recipe, list(overrides))
+    checked = validate_recipe(r, str(recipe))
+    stages = ", ".join(f"{kind}({opts.method})" for kind, opts in r.stage_list())
+    click.echo(
+        f"{recipe}: ok: model {checked['source'].label} ({checked['config'].model_type}), "
+        f"stages [{stages}], {checked['quantized_linears']} linears to quantize, output {r.output}"
+    )
+
+
+def _load_any(model_or_artifact: str, device: str):
+    """(model, tokenizer) from an artifact directory or any model source."""
+    from compressor import runtime
+    from compressor.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+
+    dev = resolve_device(device)
+    path = Path(model_or_artifact)
+    if path.is_dir() and runtime.is_gptq_artifact(path):
+        return runtime.load(path, device=str(dev)), runtime.load_tokenizer(path)
+    source = resolve_source(model_or_artifact, key="MODEL")
+    model = load_model(source, resolve_dtype("auto", dev)).to(dev)
+    return model, load_tokenizer(source)
+
+
+@main.command(name="eval")
+@click.argument("model_or_artifact")
+@click.option("--data", "source", default="python-docs", show_default=True,
+              help="python-docs, wikitext2, c4, a Hub dataset id, or a .txt/.jsonl/.parquet file.")  # fmt: skip
+@click.option("--config", "config", default=None, help="Hub dataset configuration.")
+@click.option("--split", default=None, help="Dataset split (default: test; validation for c4).")
+@click.option("--text-field", default="text", show_default=True, help="Text column for datasets and files.")
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(8), help="Window length (capped by the model).")
+@click.option("--max-windows", default=None, type=click.IntRange(1), help="Evaluate only the first N windows.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_windows, device, as_json) -> None:
+    """Perplexity of MODEL_OR_ARTIFACT (an artifact directory or any model source).
+
+    Protocol: the evaluation text is tokenized once and cut into non-overlapping windows of
+    --seq-len tokens; ppl = exp(mean NLL of every next-token prediction inside the windows).
+    """
+    from compressor.data import evaluation_tokens
+    from compressor.evaluation.perplexity import perplexity
+    from compressor.recipe import EvaluationData
+
+    spec = EvaluationData(source=source, config=config, split=split, text_field=text_field, seq_len=seq_len, max_windows=max_windows)
+    model, tokenizer = _load_any(model_or_artifact, device)
+    result = perplexity(model, evaluation_tokens(tokenizer, spec), spec.seq_len, 1, spec.max_windows)
+    if as_json:
+        click.echo(json.dumps({"model": model_or_artifact, "data": source, **result.to_dict()}))
+    else:
+        click.echo(
+            f"perplexity {result.perplexity:.4f} on {source} ({result.windows} windows x {result.seq_len} tokens, "
+            f"{result.tokens} predicted tokens)"
+        )
+
+
+@main.command()
+@click.argument("model_or_artifact")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 8192))
+@click.option("--chat", is_flag=True, help="Wrap PROMPT in the tokenizer's chat template.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 is greedy.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed, device) -> None:
+    """Print a completion of PROMPT by MODEL_OR_ARTIFACT (greedy unless --temperature > 0)."""
+    import torch
+
+    model, tokenizer = _load_any(model_or_artifact, device)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{model_or_artifact}: the tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids.to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    out = model.generate(
+        ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+        top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )  # fmt: skip
+    completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    click.echo(completion if chat else prompt + completion)
+
+
+@main.command()
+@click.argument("path", required=False)
+def info(path: str | None) -> None:
+    """Describe PATH (an artifact or a recipe), or, without PATH, this installation."""
+    import platform
+
+    import torch
+
+    if path is None:
+        from compressor.architectures import ARCHITECTURES
+        from compressor.models import EMBEDDED_MODELS, resolve_source
+
+        click.echo(f"compressor {__import__('compressor').__version__}, torch {torch.__version__}, python {platform.python_version()}")
+        click.echo(f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}; cpu threads: {torch.get_num_threads()}")
+        for name in EMBEDDED_MODELS:
+            try:
+                src = resolve_source(name)
+                click.echo(f"embedded model {name}: {Path(src.path) / src.gguf_file}")
+            except UserError as exc:
+                click.echo(f"embedded model {name}: unavailable ({exc})")
+        click.echo(f"architectures: {', '.join(sorted(ARCHITECTURES))}")
+        return
+    p = Path(path)
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        from compressor.recipe import load_recipe
+
+        import yaml
+
+        click.echo(yaml.safe_dump(load_recipe(p).model_dump(mode="json"), sort_keys=False).rstrip())
+        return
+    if p.is_dir():
+        from compressor import runtime
+
+        if not runtime.is_gptq_artifact(p):
+            raise UserError(f"{path}: not a GPTQ artifact directory (no quantization_config with quant_method gptq)")
+        qc = runtime.gptq_config(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc))
+        click.echo(f"files: {len(files)}, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB; manifest: {'yes' if (p / 'manifest.json').exists() else 'no'}")
+        report = p / "report.json"
+        if report.exists():
+            r = json.loads(report.read_text())
+            ppl = r.get("perplexity", {})
+            if ppl.get("dense") and ppl.get("compressed"):
+                click.echo(f"perplexity: dense {ppl['dense']['perplexity']:.4f}, compressed {ppl['compressed']['perplexity']:.4f}")
+        return
+    raise UserError(f"{path}: no such artifact directory or recipe file")
+
+
+if __name__ == "__main__":
+    main()

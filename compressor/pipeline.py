@@ -1,0 +1,196 @@
+"""`compress run`: recipe -> model -> stages -> perplexity -> artifact + report.
+
+Nothing is written until the artifact is complete: it is assembled in a temporary directory
+next to `output` and renamed into place at the end (see `export.artifact.atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from compressor.architectures import architecture_of
+from compressor.data import calibration_batch, evaluation_tokens
+from compressor.engine import EngineOptions, is_skipped
+from compressor.errors import RecipeError, UserError
+from compressor.evaluation.perplexity import perplexity
+from compressor.export.artifact import atomic_output_dir, check_output_dir, write_manifest
+from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, write_gptq_checkpoint
+from compressor.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+from compressor.monitor import measure
+from compressor.quantize import quantize_
+from compressor.recipe import Recipe, check_against_model, parse_size
+
+log = logging.getLogger(__name__)
+
+
+def quantized_layer_widths(model_or_config, recipe: Recipe) -> dict[str, int]:
+    """Input width of every block linear a quantize stage would touch (for recipe checks)."""
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # shapes only, no memory
+            model = AutoModelForCausalLM.from_config(model_or_config)
+    widths = architecture_of(model).layer_in_features(model)
+    skips = [p for kind, st in recipe.stage_list() if kind == "quantize" for p in st.skip]
+    return {n: w for n, w in widths.items() if not is_skipped(n, skips)}
+
+
+def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
+    """Everything `run` checks before heavy work, without loading weights."""
+    quantize_stages = [i for i, (kind, _) in enumerate(recipe.stage_list()) if kind == "quantize"]
+    if len(quantize_stages) > 1:
+        raise RecipeError(recipe_file, f"stages[{quantize_stages[1]}]", "quantize", "at most one quantize stage per recipe")
+    if recipe.export.format == "gptq" and not quantize_stages:
+        raise RecipeError(recipe_file, "export.format", "gptq", "needs a quantize stage in `stages`")
+    source = resolve_source(recipe.model.source)
+    config = load_config(source, recipe.model.revision, recipe.model.trust_remote_code)
+    architecture_of(config)
+    widths = quantized_layer_widths(config, recipe)
+    check_against_model(recipe, widths, recipe_file)
+    return {"source": source, "config": config, "quantized_linears": len(widths)}
+
+
+@dataclass
+class RunResult:
+    output: Path
+    report: dict[str, Any]
+
+
+def _unique_parameter_bytes(model: nn.Module, bytes_per: int = 2) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * bytes_per
+    return total
+
+
+def _round_to_fp16_(model: nn.Module) -> None:
+    """The artifact stores every unquantized float tensor in fp16; make memory match it."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.half().to(p.dtype)
+
+
+def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress: bool = True) -> RunResult:
+    started = time.perf_counter()
+    out = Path(recipe.output)
+    overwrite = overwrite or recipe.export.overwrite
+    check_output_dir(out, overwrite)  # fail before the expensive part
+    if recipe.compute.threads:
+        torch.set_num_threads(recipe.compute.threads)
+    checked = validate(recipe, recipe_file)
+    source = checked["source"]
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    timings: dict[str, dict] = {}
+
+    with measure() as m:
+        tokenizer = load_tokenizer(source, recipe.model.revision, recipe.model.trust_remote_code)
+        model = load_model(source, dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    timings["load model"] = m.to_dict()
+    log.info("loaded %s (%s, %.1fM parameters) in %.1f s", source.label, model.config.model_type,
+             sum(p.numel() for p in model.parameters()) / 1e6, m.seconds)  # fmt: skip
+    dense_fp16_bytes = _unique_parameter_bytes(model)
+    calib = recipe.data.calibration
+    ev = recipe.data.evaluation
+    with measure() as m:
+        calibration_ids = calibration_batch(tokenizer, calib)
+        eval_ids = evaluation_tokens(tokenizer, ev) if recipe.evaluate.perplexity else None
+    timings["prepare data"] = m.to_dict()
+
+    def evaluate(label: str) -> dict | None:
+        if eval_ids is None:
+            return None
+        model.to(device)
+        with measure() as m:
+            result = perplexity(model, eval_ids, ev.seq_len, ev.batch_size, ev.max_windows, progress, f"perplexity ({label})")
+        model.to("cpu")
+        timings[f"evaluate {label}"] = m.to_dict()
+        log.info("%s perplexity %.4f over %d tokens", label, result.perplexity, result.tokens)
+        return result.to_dict()
+
+    dense_ppl = evaluate("dense") if recipe.evaluate.dense else None
+
+    stages_report, quantized, qstage = [], {}, None
+    for i, (kind, options) in enumerate(recipe.stage_list()):
+        engine = EngineOptions(
+            device=device,
+            batch_size=recipe.compute.calibration_batch_size,
+            max_activation_gb=recipe.compute.max_activation_gb,
+            progress=progress,
+            desc=f"stage {i} {kind} ({options.method})",
+        )
+        with measure() as m:
+            if kind == "quantize":
+                outcome = quantize_(model, options, calibration_ids, engine)
+                quantized, qstage, layers = outcome.quantized, options, outcome.layers
+        stages_report.append(
+            {"kind": kind, "options": options.model_dump(), "measurement": m.to_dict(), "layers": layers}
+        )
+        log.info("stage %d %s done in %.1f s", i, kind, m.seconds)
+
+    _round_to_fp16_(model)
+    compressed_ppl = evaluate("compressed")
+
+    quant_config = gptq_quantization_config(
+        bits=qstage.bits, group_size=qstage.group_size, sym=qstage.sym, desc_act=qstage.desc_act,
+        static_groups=qstage.static_groups, damp_percent=qstage.damp_percent,
+        true_sequential=qstage.true_sequential,
+    )  # fmt: skip
+    report: dict[str, Any] = {
+        "model": {
+            "source": source.label,
+            "model_type": model.config.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "environment": {
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "recipe": recipe.model_dump(mode="json"),
+        "calibration": {"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len, "seed": calib.seed},
+        "perplexity": {"source": ev.source, "dense": dense_ppl, "compressed": compressed_ppl},
+        "stages": stages_report,
+        "quantization_config": quant_config,
+        "timings": timings,
+    }
+    if dense_ppl and compressed_ppl:
+        report["perplexity"]["increase"] = compressed_ppl["perplexity"] / dense_ppl["perplexity"] - 1
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        with measure() as m:
+            write_gptq_checkpoint(tmp, model, quantized, quant_config, tokenizer, parse_size(recipe.export.max_shard_size))
+        timings["export"] = m.to_dict()
+        weights = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        ideal = expected_size_bytes(model, quantized)
+        report["size"] = {
+            "artifact_weights_bytes": weights,
+            "ideal_bytes": ideal,
+            "dense_fp16_bytes": dense_fp16_bytes,
+            "artifact_over_ideal": weights / ideal,
+            "artifact_over_dense_fp16": weights / dense_fp16_bytes,
+        }
+        report["total_seconds"] = time.perf_counter() - started
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        from compressor.report import write_report
+
+        write_report(tmp, report)
+        write_manifest(tmp)
+    log.info("wrote %s", out)
+    return RunResult(out, report)

@@ -1,0 +1,126 @@
+"""The artifact's report: report.json (everything), report.md (for people), a per-layer plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _pct(a: float | None, b: float | None) -> str:
+    return f"{100 * (b / a - 1):+.2f}%" if a and b else "n/a"
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 1e6:.1f} MB" if n else "n/a"
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = [out_dir / "report.json"]
+    paths[0].write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    layers = {}
+    for stage in report.get("stages", []):
+        layers.update(stage.get("layers", {}))
+    if layers:
+        paths.append(plot_layer_errors(layers, out_dir / "layer_errors.png"))
+    (out_dir / "report.md").write_text(render_markdown(report, has_plot=bool(layers)))
+    paths.append(out_dir / "report.md")
+    return paths
+
+
+def render_markdown(r: dict[str, Any], has_plot: bool = True) -> str:
+    ppl = r.get("perplexity", {})
+    dense, comp = ppl.get("dense"), ppl.get("compressed")
+    size = r.get("size", {})
+    lines = [
+        f"# compressor report: {r['model']['source']}",
+        "",
+        f"Architecture `{r['model']['model_type']}`, {r['model']['parameters'] / 1e6:.1f}M parameters; "
+        f"compressed on {r['environment']['device']} with {r['environment']['threads']} threads; "
+        f"total wall time {r['total_seconds']:.1f} s.",
+        "",
+        "## Quality",
+        "",
+        "| model | perplexity | windows x seq_len | predicted tokens |",
+        "|---|---|---|---|",
+    ]
+    for label, res in (("dense", dense), ("compressed", comp)):
+        if res:
+            lines.append(f"| {label} | {res['perplexity']:.4f} | {res['windows']} x {res['seq_len']} | {res['tokens']} |")
+    if dense and comp:
+        lines += ["", f"Perplexity change: **{_pct(dense['perplexity'], comp['perplexity'])}** "
+                  f"(evaluation data: `{ppl.get('source', '?')}`)."]  # fmt: skip
+    lines += [
+        "",
+        "## Size",
+        "",
+        "| what | bytes |",
+        "|---|---|",
+        f"| artifact weights (safetensors) | {_mb(size.get('artifact_weights_bytes'))} |",
+        f"| ideal packed size (codes + scales + zeros + g_idx + fp16 rest) | {_mb(size.get('ideal_bytes'))} |",
+        f"| dense model in fp16 | {_mb(size.get('dense_fp16_bytes'))} |",
+        "",
+        f"Artifact / ideal: **{size.get('artifact_over_ideal', float('nan')):.3f}x**; "
+        f"artifact / dense fp16: **{size.get('artifact_over_dense_fp16', float('nan')):.3f}x**.",
+        "",
+        "## Stages",
+        "",
+        "| # | stage | options | wall time | peak memory |",
+        "|---|---|---|---|---|",
+    ]
+    for i, st in enumerate(r.get("stages", [])):
+        opts = ", ".join(f"{k}={v}" for k, v in st["options"].items() if k != "skip")
+        m = st["measurement"]
+        mem = f"{m['peak_rss_mb']:.0f} MB RSS" + (f", {m['peak_cuda_mb']:.0f} MB CUDA" if "peak_cuda_mb" in m else "")
+        lines.append(f"| {i} | {st['kind']} | {opts} | {m['seconds']:.1f} s | {mem} |")
+    for name, m in r.get("timings", {}).items():
+        lines.append(f"| - | {name} | | {m['seconds']:.1f} s | {m['peak_rss_mb']:.0f} MB RSS |")
+    for st in r.get("stages", []):
+        layers = st.get("layers", {})
+        if not layers:
+            continue
+        errs = sorted(layers.items(), key=lambda kv: -kv[1]["relative_error"])
+        lines += [
+            "",
+            f"## Per-layer error ({st['kind']})",
+            "",
+            "Relative output error on the calibration inputs, ||WX - W_hat X||^2 / ||WX||^2 "
+            f"(mean {sum(v['relative_error'] for v in layers.values()) / len(layers):.2e}). Worst five:",
+            "",
+            "| layer | relative error | damp |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `{n}` | {v['relative_error']:.3e} | {v['damp_percent']:g} |" for n, v in errs[:5]]
+    if has_plot:
+        lines += ["", "![per-layer error](layer_errors.png)"]
+    lines += ["", "The full numbers, including every layer, are in `report.json`.", ""]
+    return "\n".join(lines)
+
+
+def plot_layer_errors(layers: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Series per linear kind (q_proj, down_proj, ...) over the block index.
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name, rec in layers.items():
+        parts = name.split(".")
+        block = next((int(p) for p in parts if p.isdigit()), 0)
+        series.setdefault(parts[-1], []).append((block, rec["relative_error"]))
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    for kind, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("relative output error")
+    ax.set_title("Per-layer quantization error on calibration data")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
