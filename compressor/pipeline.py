@@ -20,7 +20,7 @@ from torch import nn
 from compressor.architectures import architecture_of
 from compressor.data import calibration_batch, evaluation_tokens
 from compressor.engine import EngineOptions, is_skipped
-from compressor.errors import RecipeError, UserError
+from compressor.errors import RecipeError
 from compressor.evaluation.perplexity import perplexity
 from compressor.export.artifact import atomic_output_dir, check_output_dir, write_manifest
 from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, write_gptq_checkpoint
@@ -65,6 +65,7 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
 class RunResult:
     output: Path
     report: dict[str, Any]
+    model: nn.Module  # the compressed model in memory, equal to what the artifact holds
 
 
 def _unique_parameter_bytes(model: nn.Module, bytes_per: int = 2) -> int:
@@ -193,4 +194,4 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
         write_report(tmp, report)
         write_manifest(tmp)
     log.info("wrote %s", out)
-    return RunResult(out, report)
+    return RunResult(out, report, model)
