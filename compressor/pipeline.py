@@ -77,10 +77,15 @@ def _unique_parameter_bytes(model: nn.Module, bytes_per: int = 2) -> int:
     return total
 
 
-def _round_to_fp16_(model: nn.Module) -> None:
-    """The artifact stores every unquantized float tensor in fp16; make memory match it."""
+def _round_to_fp16_(model: nn.Module, quantized: set[str]) -> None:
+    """The artifact stores every unquantized float tensor in fp16; make memory match it.
+
+    Quantized weights are left alone: scale * (code - zero) is exact in float32 but not always
+    representable in fp16, and the runtime dequantizes in float32 too.
+    """
+    keep = {id(model.get_submodule(name).weight) for name in quantized}
     for p in model.parameters():
-        if p.is_floating_point():
+        if p.is_floating_point() and id(p) not in keep:
             p.data = p.data.half().to(p.dtype)
 
 
@@ -142,7 +147,7 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
         )
         log.info("stage %d %s done in %.1f s", i, kind, m.seconds)
 
-    _round_to_fp16_(model)
+    _round_to_fp16_(model, set(quantized))
     compressed_ppl = evaluate("compressed")
 
     quant_config = gptq_quantization_config(

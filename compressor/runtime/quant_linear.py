@@ -47,7 +47,11 @@ def dequantize_gptq_v1(
     # the cast to `dtype`: the same result as computing in fp16 directly, and no double rounding
     # for bf16 (whose cast of the fp16 scale alone would already round).
     w = (q - zeros[g]).to(torch.float32) * scales.to(torch.float32)[g]  # [K, N]
-    return w.to(dtype).T  # a view: F.linear then multiplies by the contiguous [K, N] directly
+    # Contiguous [N, K], the layout of nn.Linear.weight: F.linear then takes the same GEMM path as
+    # the float model, so the artifact reproduces the in-memory model bit for bit. (A transposed
+    # view picks another kernel whose rounding differs ~1e-5 per layer, and SmolLM2's outlier
+    # activations amplify that to ~1e-3 in the logits.)
+    return w.to(dtype).T.contiguous()
 
 
 class QuantLinear(nn.Module):
