@@ -28,6 +28,11 @@ class Architecture:
     final_norm: str
     lm_head: str
     linear_groups: tuple[tuple[str, ...], ...]  # per block, in execution order; a group shares its input
+    # Structured pruning (compressor/structured.py) slices these; the defaults are Llama's layout.
+    attention: str = "self_attn"  # block-relative path of the attention module (holds `layer_idx`)
+    attention_projections: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")  # in `attention`
+    mlp: str = "mlp"  # block-relative path of the gated MLP
+    mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # in `mlp`
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

@@ -23,9 +23,10 @@ from compressor.engine import EngineOptions, is_skipped
 from compressor.errors import RecipeError
 from compressor.evaluation.perplexity import perplexity
 from compressor.export.artifact import atomic_output_dir, check_output_dir, write_manifest
-from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, write_gptq_checkpoint
+from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, write_dense_checkpoint, write_gptq_checkpoint
 from compressor.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from compressor.monitor import measure
+from compressor.prune import prune_, sparsity_summary
 from compressor.quantize import quantize_
 from compressor.recipe import Recipe, check_against_model, parse_size
 
@@ -48,16 +49,35 @@ def quantized_layer_widths(model_or_config, recipe: Recipe) -> dict[str, int]:
 
 def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
     """Everything `run` checks before heavy work, without loading weights."""
-    quantize_stages = [i for i, (kind, _) in enumerate(recipe.stage_list()) if kind == "quantize"]
+    stages = recipe.stage_list()
+    quantize_stages = [i for i, (kind, _) in enumerate(stages) if kind == "quantize"]
     if len(quantize_stages) > 1:
         raise RecipeError(recipe_file, f"stages[{quantize_stages[1]}]", "quantize", "at most one quantize stage per recipe")
+    for i, (kind, opts) in enumerate(stages):
+        if kind == "prune" and quantize_stages and i > quantize_stages[0]:
+            raise RecipeError(recipe_file, f"stages[{i}]", "prune", "prune stages must come before the quantize stage")
+        if kind == "prune" and opts.joint_quantize:
+            nxt = stages[i + 1] if i + 1 < len(stages) else None
+            if nxt is None or nxt[0] != "quantize" or nxt[1].method != "gptq":
+                raise RecipeError(recipe_file, f"stages[{i}].prune.joint_quantize", True,
+                                  "needs a `quantize: {method: gptq}` stage right after it")  # fmt: skip
     if recipe.export.format == "gptq" and not quantize_stages:
-        raise RecipeError(recipe_file, "export.format", "gptq", "needs a quantize stage in `stages`")
+        raise RecipeError(recipe_file, "export.format", "gptq", "needs a quantize stage in `stages` (or use export.format: dense)")
+    if recipe.export.format == "dense" and quantize_stages:
+        raise RecipeError(recipe_file, "export.format", "dense", "a recipe with a quantize stage exports format gptq")
     source = resolve_source(recipe.model.source)
     config = load_config(source, recipe.model.revision, recipe.model.trust_remote_code)
     architecture_of(config)
     widths = quantized_layer_widths(config, recipe)
-    check_against_model(recipe, widths, recipe_file)
+    if not any(kind == "prune" and opts.method == "structured" for kind, opts in stages):
+        check_against_model(recipe, widths, recipe_file)  # structured pruning changes widths: checked later
+    for i, (kind, opts) in enumerate(stages):
+        if kind == "prune" and opts.nm():
+            m = opts.nm()[1]
+            bad = sorted({w for w in widths.values() if w % m})
+            if bad:
+                raise RecipeError(recipe_file, f"stages[{i}].prune.pattern", opts.pattern,
+                                  f"M must divide every pruned layer's input width (got widths {bad})")  # fmt: skip
     return {"source": source, "config": config, "quantized_linears": len(widths)}
 
 
@@ -129,8 +149,15 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
 
     dense_ppl = evaluate("dense") if recipe.evaluate.dense else None
 
-    stages_report, quantized, qstage = [], {}, None
-    for i, (kind, options) in enumerate(recipe.stage_list()):
+    stages_report, quantized, qstage, sparsity = [], {}, None, None
+    stages = recipe.stage_list()
+    fused_into_previous = False
+    for i, (kind, options) in enumerate(stages):
+        if fused_into_previous:  # the quantize stage already ran inside joint SparseGPT+GPTQ
+            stages_report.append({"kind": kind, "options": options.model_dump(), "fused_into": f"stages[{i - 1}]",
+                                  "measurement": stages_report[-1]["measurement"], "layers": {}})  # fmt: skip
+            fused_into_previous = False
+            continue
         engine = EngineOptions(
             device=device,
             batch_size=recipe.compute.calibration_batch_size,
@@ -138,23 +165,50 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
             progress=progress,
             desc=f"stage {i} {kind} ({options.method})",
         )
+        entry: dict[str, Any] = {"kind": kind, "options": options.model_dump()}
         with measure() as m:
             if kind == "quantize":
-                outcome = quantize_(model, options, calibration_ids, engine)
-                quantized, qstage, layers = outcome.quantized, options, outcome.layers
-        stages_report.append(
-            {"kind": kind, "options": options.model_dump(), "measurement": m.to_dict(), "layers": layers}
-        )
+                check_against_model(recipe, quantized_layer_widths(model, recipe), recipe_file)
+                outcome = quantize_(model, options, calibration_ids, engine, keep_zeros=sparsity is not None)
+                quantized, qstage, entry["layers"] = outcome.quantized, options, outcome.layers
+            else:
+                joint = stages[i + 1][1] if options.joint_quantize else None
+                outcome = prune_(model, options, calibration_ids, engine, joint, key=f"stages[{i}].prune")
+                entry["layers"] = outcome.layers
+                if outcome.structured is not None:
+                    entry["structured"] = outcome.structured
+                else:
+                    sparsity = {**sparsity_summary(model, outcome.layers), "structure": options.pattern or "unstructured",
+                                "method": options.method}  # fmt: skip
+                    entry["sparsity"] = sparsity
+                if joint is not None:
+                    # One pass did both; the grids were fixed per group up front (static groups).
+                    quantized, fused_into_previous = outcome.quantized, True
+                    qstage = joint.model_copy(update={"desc_act": False, "static_groups": True})
+        entry["measurement"] = m.to_dict()
+        stages_report.append(entry)
         log.info("stage %d %s done in %.1f s", i, kind, m.seconds)
 
     _round_to_fp16_(model, set(quantized))
     compressed_ppl = evaluate("compressed")
 
-    quant_config = gptq_quantization_config(
-        bits=qstage.bits, group_size=qstage.group_size, sym=qstage.sym, desc_act=qstage.desc_act,
-        static_groups=qstage.static_groups, damp_percent=qstage.damp_percent,
-        true_sequential=qstage.true_sequential,
-    )  # fmt: skip
+    quant_config = None
+    if qstage is not None:
+        quant_config = gptq_quantization_config(
+            bits=qstage.bits, group_size=qstage.group_size, sym=qstage.sym, desc_act=qstage.desc_act,
+            static_groups=qstage.static_groups, damp_percent=qstage.damp_percent,
+            true_sequential=qstage.true_sequential,
+        )  # fmt: skip
+    if sparsity is not None:
+        # Recorded in config.json too, so a loader or a person can see the weights are sparse.
+        model.config.compressor_sparsity = {
+            "structure": sparsity["structure"],
+            "method": sparsity["method"],
+            "global_sparsity": round(sparsity["sparsity_of_block_linears"], 6),
+            "sparsity_of_pruned_linears": round(sparsity["sparsity_of_pruned_linears"], 6),
+            "targets": sorted({name.split(".")[-1] for st in stages_report if "sparsity" in st for name in st["layers"]}),
+            "ignore": [p for kind, o in stages if kind == "prune" for p in o.skip],
+        }
     report: dict[str, Any] = {
         "model": {
             "source": source.label,
@@ -173,6 +227,7 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
         "calibration": {"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len, "seed": calib.seed},
         "perplexity": {"source": ev.source, "dense": dense_ppl, "compressed": compressed_ppl},
         "stages": stages_report,
+        "sparsity": sparsity,
         "quantization_config": quant_config,
         "timings": timings,
     }
@@ -181,7 +236,10 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
 
     with atomic_output_dir(out, overwrite) as tmp:
         with measure() as m:
-            write_gptq_checkpoint(tmp, model, quantized, quant_config, tokenizer, parse_size(recipe.export.max_shard_size))
+            if quant_config is not None:
+                write_gptq_checkpoint(tmp, model, quantized, quant_config, tokenizer, parse_size(recipe.export.max_shard_size))
+            else:
+                write_dense_checkpoint(tmp, model, tokenizer, parse_size(recipe.export.max_shard_size))
         timings["export"] = m.to_dict()
         weights = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         ideal = expected_size_bytes(model, quantized)

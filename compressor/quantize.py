@@ -25,6 +25,7 @@ class GPTQLayerwise:
     """The layer-wise algorithm the engine calls for each linear."""
 
     options: QuantizeStage
+    keep_zeros: bool = False
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
     def compress(self, linears: list[tuple[str, nn.Linear]], stats: InputStatistics) -> dict[str, dict[str, Any]]:
@@ -34,11 +35,13 @@ class GPTQLayerwise:
         # GPTQ treats output rows independently given H, so linears sharing an input (q/k/v,
         # gate/up) are quantized as one stacked matrix: one factorisation, one column loop.
         stacked = torch.cat([linear.weight.detach().float() for _, linear in linears])
+        # After a prune stage, zeros are a mask to keep: GPTQ then never revives a pruned weight.
+        mask = stacked != 0 if self.keep_zeros else None
         if o.method == "gptq":
             result = gptq_quantize(
                 stacked, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym,
                 act_order=o.desc_act, static_groups=o.static_groups, block_size=o.block_size,
-                damp_percent=o.damp_percent, max_damp_percent=o.max_damp_percent, mse=o.mse,
+                damp_percent=o.damp_percent, max_damp_percent=o.max_damp_percent, mse=o.mse, mask=mask,
             )  # fmt: skip
         else:
             result = rtn_quantize_result(stacked, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym)
@@ -70,10 +73,12 @@ def quantize_(
     options: QuantizeStage,
     calibration_ids: torch.Tensor,
     engine: EngineOptions | None = None,
+    keep_zeros: bool = False,
 ) -> QuantizeOutcome:
+    """Quantize every block linear in place. `keep_zeros`: treat existing zeros as a pruning mask."""
     engine = engine or EngineOptions()
     engine.true_sequential = options.true_sequential
     engine.skip = tuple(options.skip)
-    algorithm = GPTQLayerwise(options)
+    algorithm = GPTQLayerwise(options, keep_zeros)
     layers = run_layerwise(model, architecture_of(model), calibration_ids, algorithm, engine)
     return QuantizeOutcome(algorithm.quantized, layers)

@@ -150,7 +150,105 @@ class QuantizeEntry(_Strict):
     quantize: QuantizeStage = Field(default_factory=QuantizeStage)
 
 
-STAGE_KINDS = ("quantize",)
+UNSTRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+class PruneStage(_Strict):
+    method: Literal["magnitude", "wanda", "sparsegpt", "structured"] = Field(
+        ..., description="`magnitude`, `wanda`, `sparsegpt` (per-weight or N:M) or `structured` (removes channels/heads/layers)."
+    )
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="Unstructured: fraction of each linear's weights set to zero (per output row)."
+    )
+    pattern: str | None = Field(
+        None,
+        description="Semi-structured N:M, e.g. `2:4`: every 4 consecutive inputs keep at most 2 weights "
+        "(`sparsity` may be given too, and must then equal (M-N)/M).",
+    )
+    layer_sparsity: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-layer overrides of `sparsity`: glob pattern of module names -> sparsity (first match wins).",
+    )
+    target: Literal["mlp_channels", "heads", "layers"] | None = Field(
+        None, description="Structured: what to remove."
+    )
+    ratio: float | None = Field(
+        None, gt=0, lt=1, description="Structured mlp_channels/heads: fraction to remove (uniform across layers)."
+    )
+    count: int | None = Field(None, ge=1, description="Structured layers: how many decoder layers to remove.")
+    heads_mode: Literal["query", "groups"] = Field(
+        "query",
+        description="Structured heads with GQA: `query` drops the same number of query heads inside every "
+        "key/value group; `groups` drops whole key/value groups with their query heads.",
+    )
+    block_size: int = Field(128, ge=1, description="SparseGPT: columns per mask-selection block.")
+    damp_percent: float = Field(0.01, gt=0, lt=1, description="SparseGPT: Hessian damping (fraction of the mean diagonal).")
+    joint_quantize: bool = Field(
+        False,
+        description="SparseGPT only: quantize the kept weights in the same pass with the settings of the "
+        "quantize stage that must directly follow (SparseGPT+GPTQ in one pass).",
+    )
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Module names (glob patterns) left dense; embeddings are never pruned.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(v))
+        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+            raise ValueError("must be 'N:M' with 0 < N < M, e.g. '2:4' or '4:8'")
+        return f"{int(m.group(1))}:{int(m.group(2))}"
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, value in v.items():
+            if not 0 <= value < 1:
+                raise ValueError(f"sparsity for {key!r} must be in [0, 1), got {value}")
+        return v
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "PruneStage":
+        if self.method in UNSTRUCTURED_METHODS:
+            if self.sparsity is None and self.pattern is None:
+                raise ValueError(f"method {self.method} needs `sparsity` or an N:M `pattern`")
+            if self.pattern is not None and self.sparsity is not None:
+                n, m = self.nm()
+                if abs(self.sparsity - (m - n) / m) > 1e-9:
+                    raise ValueError(f"pattern {self.pattern} means sparsity {(m - n) / m:g}, not {self.sparsity:g}")
+            if self.pattern is not None and self.layer_sparsity:
+                raise ValueError("layer_sparsity applies to `sparsity`, not to an N:M `pattern`")
+            if self.target or self.ratio or self.count:
+                raise ValueError("`target`, `ratio` and `count` belong to method: structured")
+            if self.joint_quantize and self.method != "sparsegpt":
+                raise ValueError("joint_quantize needs method: sparsegpt")
+        else:
+            if self.target is None:
+                raise ValueError("method structured needs `target`: mlp_channels, heads or layers")
+            if self.target == "layers" and (self.count is None or self.ratio is not None):
+                raise ValueError("target layers needs `count` (number of layers to remove), not `ratio`")
+            if self.target != "layers" and (self.ratio is None or self.count is not None):
+                raise ValueError(f"target {self.target} needs `ratio` (fraction to remove), not `count`")
+            if self.sparsity is not None or self.pattern is not None or self.joint_quantize:
+                raise ValueError("`sparsity`, `pattern` and `joint_quantize` belong to unstructured methods")
+        return self
+
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+
+class PruneEntry(_Strict):
+    prune: PruneStage
+
+
+STAGE_KINDS = ("quantize", "prune")
 
 
 def _stage_kind(value: Any) -> str | None:
@@ -163,7 +261,7 @@ def _stage_kind(value: Any) -> str | None:
 
 
 Stage = Annotated[
-    Union[Annotated[QuantizeEntry, Tag("quantize")]],
+    Union[Annotated[QuantizeEntry, Tag("quantize")], Annotated[PruneEntry, Tag("prune")]],
     Discriminator(
         _stage_kind,
         custom_error_type="stage",
@@ -179,7 +277,9 @@ class EvaluateSection(_Strict):
 
 
 class ExportSection(_Strict):
-    format: Literal["gptq"] = Field("gptq", description="Artifact format: `gptq` (GPTQ v1 safetensors).")
+    format: Literal["gptq", "dense"] = Field(
+        "gptq", description="`gptq` (GPTQ v1 safetensors; needs a quantize stage) or `dense` (fp16 safetensors, e.g. after pruning)."
+    )
     max_shard_size: str = Field("2GB", description="Split safetensors into shards above this size.")
     overwrite: bool = Field(False, description="Replace an existing output directory (only after success).")
 
@@ -234,23 +334,43 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _dedupe_loc(loc: tuple) -> tuple:
+    """A discriminated union repeats its tag as the next key: drop the repeat."""
+    out: list = []
+    for item in loc:
+        if out and not isinstance(item, int) and out[-1] == item:
+            continue
+        out.append(item)
+    return tuple(out)
+
+
 def format_loc(loc: tuple) -> str:
     """('stages', 0, 'quantize', 'quantize', 'bits') -> 'stages[0].quantize.bits'."""
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif parts and parts[-1] == f".{item}":
-            continue  # a discriminated union repeats its tag as the next key
-        else:
-            parts.append(f".{item}")
-    return "".join(parts).lstrip(".")
+    return "".join(f"[{i}]" if isinstance(i, int) else f".{i}" for i in _dedupe_loc(loc)).lstrip(".")
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of `loc` (to list the keys allowed there)."""
+    stage_models = {"quantize": QuantizeStage, "prune": PruneStage}
+    keys = [k for k in loc[:-1] if not isinstance(k, int)]
+    model: type[BaseModel] | None = Recipe
+    while keys and model is not None:
+        key = keys.pop(0)
+        if key == "stages" and model is Recipe:
+            model = stage_models.get(keys.pop(0)) if keys else None
+            continue
+        field = model.model_fields.get(key)
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
 
 
 def _allowed_text(err: dict) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        return "unknown key"
+        model = _model_at(_dedupe_loc(err["loc"]))
+        keys = f"; allowed keys: {', '.join(model.model_fields)}" if model else ""
+        return "unknown key" + keys
     if err["type"] == "missing":
         return "required key is missing"
     msg = msg.removeprefix("Value error, ")
@@ -373,6 +493,7 @@ def schema_markdown() -> str:
                 continue
             if name == "stages":
                 walk(QuantizeStage, "stages[i].quantize.")
+                walk(PruneStage, "stages[i].prune.")
                 continue
             default = field.get_default(call_default_factory=True)
             tname = str(ann).replace("typing.", "").replace(" | ", " or ").replace("|", " or ")

@@ -20,8 +20,9 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
     paths = [out_dir / "report.json"]
     paths[0].write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     layers = {}
-    for stage in report.get("stages", []):
-        layers.update(stage.get("layers", {}))
+    for i, stage in enumerate(report.get("stages", [])):
+        for name, rec in stage.get("layers", {}).items():
+            layers[f"{stage['kind']}:{name}"] = rec
     if layers:
         paths.append(plot_layer_errors(layers, out_dir / "layer_errors.png"))
     (out_dir / "report.md").write_text(render_markdown(report, has_plot=bool(layers)))
@@ -76,7 +77,16 @@ def render_markdown(r: dict[str, Any], has_plot: bool = True) -> str:
         lines.append(f"| {i} | {st['kind']} | {opts} | {m['seconds']:.1f} s | {mem} |")
     for name, m in r.get("timings", {}).items():
         lines.append(f"| - | {name} | | {m['seconds']:.1f} s | {m['peak_rss_mb']:.0f} MB RSS |")
+    if r.get("sparsity"):
+        sp = r["sparsity"]
+        lines += ["", "## Sparsity", "",
+                  f"{sp['method']} ({sp['structure']}): {100 * sp['sparsity_of_pruned_linears']:.2f}% zeros in the "
+                  f"{sp['pruned_linears']} pruned linears, {100 * sp['sparsity_of_block_linears']:.2f}% of all block "
+                  "linear weights. Per-layer values are in `report.json` (stages[].layers[].sparsity)."]  # fmt: skip
     for st in r.get("stages", []):
+        if st.get("structured"):
+            s_ = st["structured"]
+            lines += ["", "## Structured pruning", "", "```", json.dumps({k: v for k, v in s_.items() if k != "removed"}, indent=1)[:2000], "```"]
         layers = st.get("layers", {})
         if not layers:
             continue
@@ -91,7 +101,11 @@ def render_markdown(r: dict[str, Any], has_plot: bool = True) -> str:
             "| layer | relative error | damp |",
             "|---|---|---|",
         ]
-        lines += [f"| `{n}` | {v['relative_error']:.3e} | {v['damp_percent']:g} |" for n, v in errs[:5]]
+        if st["kind"] == "prune":
+            lines[-2:] = ["| layer | relative error | sparsity |", "|---|---|---|"]
+            lines += [f"| `{n}` | {v['relative_error']:.3e} | {v['sparsity']:.3f} |" for n, v in errs[:5]]
+        else:
+            lines += [f"| `{n}` | {v['relative_error']:.3e} | {v['damp_percent']:g} |" for n, v in errs[:5]]
     if has_plot:
         lines += ["", "![per-layer error](layer_errors.png)"]
     lines += ["", "The full numbers, including every layer, are in `report.json`.", ""]
@@ -106,10 +120,13 @@ def plot_layer_errors(layers: dict[str, dict], path: Path) -> Path:
 
     # Series per linear kind (q_proj, down_proj, ...) over the block index.
     series: dict[str, list[tuple[int, float]]] = {}
+    kinds = {name.split(":", 1)[0] for name in layers}
     for name, rec in layers.items():
-        parts = name.split(".")
+        kind, module = name.split(":", 1) if ":" in name else ("", name)
+        parts = module.split(".")
         block = next((int(p) for p in parts if p.isdigit()), 0)
-        series.setdefault(parts[-1], []).append((block, rec["relative_error"]))
+        label = f"{kind} {parts[-1]}" if len(kinds) > 1 else parts[-1]
+        series.setdefault(label, []).append((block, rec["relative_error"]))
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     for kind, pts in sorted(series.items()):
         pts.sort()
@@ -117,7 +134,7 @@ def plot_layer_errors(layers: dict[str, dict], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("decoder block")
     ax.set_ylabel("relative output error")
-    ax.set_title("Per-layer quantization error on calibration data")
+    ax.set_title("Per-layer error on calibration data")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()

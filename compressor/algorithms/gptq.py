@@ -17,6 +17,9 @@ The tricks, each briefly:
   quantized while the most freedom remains to absorb their error. Groups are then formed in that
   order and `g_idx` maps each original input row to its group. `static_groups` instead fixes
   every group's grid from the unquantized weight first, so g_idx stays k // group_size.
+- `mask` (after pruning): entries outside it are quantized to their zero point, i.e. exactly 0,
+  and their (pre-update) value counts as error to spread, as SparseGPT does; so a pruned model
+  stays exactly as sparse after GPTQ and packing.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     max_damp_percent: float = 1.0,
     mse: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> QuantizeResult:
     n, k = weight.shape
     gs = k if group_size == -1 else group_size
@@ -109,6 +113,7 @@ def gptq_quantize(
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W = W[:, perm]
+    kept = mask[:, perm] if mask is not None else None
     H = H[perm][:, perm]
     Hinv, damp_used = inverse_hessian_cholesky(H, damp_percent, max_damp_percent)
 
@@ -130,16 +135,20 @@ def gptq_quantize(
             col = i1 + i
             if not static_groups and col % gs == 0:
                 # The grid comes from the weights as updated so far: columns inside this block
-                # from W1, any beyond it from W (already updated up to this block).
+                # from W1; columns past it from W plus the updates this block still owes them
+                # (so the result does not depend on block_size).
                 ahead = W1[:, i : i + gs]
                 if i + gs > i2 - i1:
-                    ahead = torch.cat([ahead, W[:, i2 : col + gs]], dim=1)
+                    beyond = W[:, i2 : col + gs] - Err1[:, :i] @ Hinv[i1:col, i2 : col + gs]
+                    ahead = torch.cat([ahead, beyond], dim=1)
                 g = col // gs
                 scales[g], zeros[g] = grid_params(ahead, bits, sym, mse)
             if col == 0 or group_of_position[col] != group_of_position[col - 1]:
                 scale, zero = scales[int(group_of_position[col])], zeros[int(group_of_position[col])]
             w = W1[:, i]
             q = torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
+            if kept is not None:
+                q = torch.where(kept[:, col], q, zero)  # pruned stays exactly 0; its error spreads
             codes1[:, i] = q
             w_hat = (q - zero).mul_(scale)
             Q1[:, i] = w_hat

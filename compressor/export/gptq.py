@@ -113,11 +113,12 @@ def expected_size_bytes(model, quantized: dict[str, QuantizedWeight]) -> int:
     return total
 
 
-def _config_dict(model, quantization_config: dict) -> dict:
+def _config_dict(model, quantization_config: dict | None) -> dict:
     # to_json_string turns dtypes and special floats into JSON; use_diff=False gives to_dict().
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("quantization_config", None)  # e.g. a leftover "gguf" block from the source model
-    config["quantization_config"] = dict(quantization_config)
+    if quantization_config is not None:
+        config["quantization_config"] = dict(quantization_config)
     config["dtype"] = "float16"
     config["torch_dtype"] = "float16"  # the key older transformers and vLLM versions read
     if not config.get("architectures"):
@@ -134,7 +135,7 @@ def write_gptq_checkpoint(
     out_dir: Path,
     model,
     quantized: dict[str, QuantizedWeight],
-    quantization_config: dict,
+    quantization_config: dict | None,
     tokenizer=None,
     max_shard_size: int = 2 * 10**9,
 ) -> list[Path]:
@@ -159,10 +160,16 @@ def write_gptq_checkpoint(
         _write_json(out_dir / "model.safetensors.index.json", index)
 
     _write_json(out_dir / "config.json", _config_dict(model, quantization_config))
-    _write_json(out_dir / "quantize_config.json", dict(quantization_config))
+    if quantization_config is not None:
+        _write_json(out_dir / "quantize_config.json", dict(quantization_config))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
+def write_dense_checkpoint(out_dir: Path, model, tokenizer=None, max_shard_size: int = 2 * 10**9) -> list[Path]:
+    """A plain float16 checkpoint (after pruning without quantization): what `save_pretrained` writes."""
+    return write_gptq_checkpoint(out_dir, model, {}, None, tokenizer, max_shard_size)
