@@ -117,6 +117,38 @@ def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, no_progress: 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--key", required=True, metavar="KEY.PATH", help="The recipe value to vary, e.g. stages[0].prune.sparsity.")
+@click.option("--values", "values_text", required=True, metavar="V1,V2,...", help="Comma-separated values (parsed as YAML; N:M patterns stay text).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for one artifact per value, sweep.json and sweep.png.")
+@_set_option
+@click.option("--overwrite", is_flag=True, help="Replace a previous sweep in --out.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def sweep(recipe: Path, key: str, values_text: str, out: Path, overrides: tuple[str, ...], overwrite: bool, no_progress: bool) -> None:
+    """Run RECIPE once per value of KEY and plot perplexity against it and against size.
+
+    \b
+    Example: perplexity of SparseGPT over sparsity
+      compress sweep recipes/smollm2-sparsegpt50.yaml --key stages[0].prune.sparsity \\
+        --values 0.3,0.5,0.7 --out runs/sweep-sparsegpt
+    """
+    import re
+
+    import yaml
+
+    from compressor.sweep import sweep as run_sweep
+
+    values = [v.strip() if re.fullmatch(r"\d+:\d+", v.strip()) else yaml.safe_load(v) for v in values_text.split(",") if v.strip()]
+    summary = run_sweep(recipe, key, values, out, list(overrides), overwrite, progress=not no_progress)
+    dense = summary["dense"]
+    if dense:
+        click.echo(f"dense: perplexity {dense['perplexity']:.4f}")
+    for p in summary["points"]:
+        click.echo(f"{key}={p['value']}: perplexity {p['perplexity']:.4f}, {p['artifact_mb']:.1f} MB")
+    click.echo(f"plot: {out / 'sweep.png'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_set_option
 def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check RECIPE without running it: schema, model source, group sizes against the model's shapes."""
@@ -128,7 +160,7 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     stages = ", ".join(f"{kind}({opts.method})" for kind, opts in r.stage_list())
     click.echo(
         f"{recipe}: ok: model {checked['source'].label} ({checked['config'].model_type}), "
-        f"stages [{stages}], {checked['quantized_linears']} linears to quantize, output {r.output}"
+        f"stages [{stages}], {checked['quantized_linears']} block linears, output {r.output}"
     )
 
 

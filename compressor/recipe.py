@@ -193,6 +193,14 @@ class PruneStage(_Strict):
         description="Module names (glob patterns) left dense; embeddings are never pruned.",
     )
 
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern_is_text(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
+            raise ValueError("must be a quoted 'N:M' string, e.g. pattern: \"2:4\" (unquoted, YAML reads 2:4 as the number 124)")
+        return v
+
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str | None) -> str | None:
@@ -406,6 +414,8 @@ def apply_override(raw: dict, assignment: str) -> None:
     path, text = assignment.split("=", 1)
     keys = split_key_path(path.strip())
     value = yaml.safe_load(text) if text.strip() else ""
+    if re.fullmatch(r"\s*\d+:\d+\s*", text):
+        value = text.strip()  # an N:M pattern, not YAML 1.1's base-60 integer
     # Missing keys are filled from the defaults, so `--set stages[0].quantize.bits=3` works on a
     # recipe that never wrote `stages`.
     node: Any = raw
@@ -495,10 +505,10 @@ def schema_markdown() -> str:
                 walk(QuantizeStage, "stages[i].quantize.")
                 walk(PruneStage, "stages[i].prune.")
                 continue
-            default = field.get_default(call_default_factory=True)
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             tname = str(ann).replace("typing.", "").replace(" | ", " or ").replace("|", " or ")
             tname = getattr(ann, "__name__", tname) if "[" not in tname and " or " not in tname else tname
-            lines.append(f"| `{key}` | {tname} | `{default!r}` | {field.description or ''} |")
+            lines.append(f"| `{key}` | {tname} | `{default}` | {field.description or ''} |")
 
     walk(Recipe, "")
     return "\n".join(lines)
