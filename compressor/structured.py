@@ -107,7 +107,7 @@ def head_scores(gram: torch.Tensor, o_weight: torch.Tensor) -> torch.Tensor:
 
 def block_influence(cosine_sum: float, tokens: int) -> float:
     """ShortGPT's BI = 1 - mean cosine similarity between a block's input and output."""
-    return cosine_sum / max(tokens, 1)
+    return 1.0 - cosine_sum / max(tokens, 1)
 
 
 def head_rows(heads: list[int], head_dim: int) -> list[int]:
