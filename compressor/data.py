@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from compressor.errors import UserError
+from compressor.models import hub_reachable
 from compressor.recipe import CalibrationData, EvaluationData, TextSource
 
 Part = Literal["calibration", "evaluation"]
@@ -153,6 +154,12 @@ def _hub_documents(spec: TextSource, part: Part, key: str) -> list:
         if config != "en":
             raise UserError(f"{key}.config: c4 reads only the 'en' shards, not {config!r}")
         config, kwargs = None, {"data_files": {base: C4_SHARDS[base]}}
+    if not datasets.config.HF_HUB_OFFLINE and not hub_reachable():
+        raise UserError(
+            f"{key}.source: {spec.source!r} needs the Hugging Face Hub, which cannot be reached from this "
+            f"machine (set HF_HUB_OFFLINE=1 to use a local datasets cache); use {PYTHON_DOCS} or a local "
+            ".txt/.jsonl/.parquet file"
+        )
     try:
         ds = datasets.load_dataset(name, config, split=split, **kwargs)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:

@@ -68,15 +68,34 @@ def resolve_source(source: str, key: str = "model.source") -> ResolvedSource:
 
 
 def _hub_error(source: ResolvedSource, exc: Exception) -> UserError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    why = "HF_HUB_OFFLINE=1 is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        why = "HF_HUB_OFFLINE=1 is set and it is not in the local cache"
+    elif not hub_reachable():
+        why = "the Hub cannot be reached from this machine and it is not in the local cache"
+    else:
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     return UserError(
         f"model.source: {source.label!r} could not be loaded from the Hugging Face Hub ({why}); "
         "check the id and your network, or point model.source at a local directory or .gguf file"
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the Hub's host be resolved and connected to? (Saves ~25 s of retries when offline.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _pretrained(cls, source: ResolvedSource, revision: str | None, trust_remote_code: bool, **kwargs):
+    if source.kind == "hub" and os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
+        kwargs["local_files_only"] = True  # no network: the local Hub cache may still have it
     try:
         return cls.from_pretrained(
             source.path,
