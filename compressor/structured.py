@@ -135,7 +135,9 @@ def prune_structured_(
     parameter counts before/after and an importance summary.
     """
     if options.method != "structured" or options.target not in ("mlp_channels", "heads", "layers"):
-        raise UserError(f"{key}.target: structured pruning needs target mlp_channels, heads or layers, got {options.target!r}")
+        raise UserError(
+            f"{key}.target: structured pruning needs target mlp_channels, heads or layers, got {options.target!r}"
+        )
     if calibration_ids.dim() != 2:
         raise ValueError(f"calibration_ids must be [samples, seq_len], got shape {tuple(calibration_ids.shape)}")
     arch = architecture_of(model)
@@ -319,7 +321,9 @@ def _prune_mlp(model, arch, layout, options, calibration_ids, key, batch_size, p
     _check_no_skip(arch, layout, options, key, "mlp")
     changes = {"intermediate_size": inter - n}
     if err := _config_error(model.config, changes):
-        raise UserError(f"{key}.ratio: intermediate_size {inter - n} is rejected by {type(model.config).__name__}: {err}")
+        raise UserError(
+            f"{key}.ratio: intermediate_size {inter - n} is rejected by {type(model.config).__name__}: {err}"
+        )
 
     blocks = arch.block_list(model)
     down = [block.get_submodule(arch.mlp).get_submodule(arch.mlp_projections[2]) for block in blocks]
@@ -350,7 +354,8 @@ def _prune_mlp(model, arch, layout, options, calibration_ids, key, batch_size, p
         name = f"{arch.blocks}.{i}"
         removed[name] = gone
         total = float(scores.sum())
-        importance[name] = {**_summary(scores), "removed_share": _r(float(scores[gone].sum()) / total if total else 0.0)}
+        share = float(scores[gone].sum()) / total if total else 0.0  # of the layer's summed importance
+        importance[name] = {**_summary(scores), "removed_share": _r(share)}
     _apply_config(model, changes)
     return {
         "score": "||act(gate(x)) * up(x)||_2 * ||down_proj column||_2 per channel (Minitron x Wanda-sp)",
@@ -404,9 +409,11 @@ def _prune_heads(model, arch, layout, options, calibration_ids, key, batch_size,
     changes = _heads_changes(layout, q, g, per_group)
     if err := _config_error(model.config, changes):
         # e.g. LlamaConfig insists hidden_size % num_attention_heads == 0 even with an explicit head_dim
-        units, n = (per_group, "query heads per group") if options.heads_mode == "query" else (layout.kv, "groups")
-        works = [r for r in range(1, units) if not _config_error(
-            model.config, _heads_changes(layout, *((r, 0) if options.heads_mode == "query" else (0, r)), per_group))]  # fmt: skip
+        query = options.heads_mode == "query"
+        units, n = (per_group, "query heads per group") if query else (layout.kv, "groups")
+        plans = {r: (r, 0) if query else (0, r) for r in range(1, units)}
+        works = [r for r, (rq, rg) in plans.items()
+                 if not _config_error(model.config, _heads_changes(layout, rq, rg, per_group))]  # fmt: skip
         hint = ", ".join(f"{r / units:.3g} ({r} of {units} {n})" for r in works) or "none for this mode"
         raise UserError(
             f"{key}.ratio: {options.ratio:g} leaves {changes['num_attention_heads']} attention heads, which "
