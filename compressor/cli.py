@@ -160,7 +160,7 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     stages = ", ".join(f"{kind}({opts.method})" for kind, opts in r.stage_list())
     click.echo(
         f"{recipe}: ok: model {checked['source'].label} ({checked['config'].model_type}), "
-        f"stages [{stages}], {checked['quantized_linears']} block linears, output {r.output}"
+        f"stages [{stages}], {checked['quantized_linears']} linears to compress, output {r.output}"
     )
 
 

@@ -163,10 +163,10 @@ def test_validate(artifact):
     result = invoke("validate", recipe)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"{recipe}: ok: model ")
-    assert "(llama)" in result.stdout and "14 linears to quantize" in result.stdout
+    assert "(llama)" in result.stdout and "14 linears to compress" in result.stdout
     assert "stages [quantize(gptq)]" in result.stdout and f"output {out}" in result.stdout
     skipped = invoke("validate", recipe, "--set", "stages[0].quantize.skip=['*.down_proj']")
-    assert skipped.exit_code == 0 and "12 linears to quantize" in skipped.stdout
+    assert skipped.exit_code == 0 and "12 linears to compress" in skipped.stdout
 
 
 def test_existing_output_needs_overwrite(artifact, tmp_path):
