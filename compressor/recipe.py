@@ -256,7 +256,60 @@ class PruneEntry(_Strict):
     prune: PruneStage
 
 
-STAGE_KINDS = ("quantize", "prune")
+class DistillStage(_Strict):
+    teacher: str = Field(
+        "input",
+        description="`input` (the model as it entered the pipeline, before any stage) or any model source.",
+    )
+    student: str = Field(
+        "current",
+        description="`current` (the model as the previous stages left it), or any model source "
+        "(a smaller model), or `keep_layers` (the teacher with only `keep_layers` kept).",
+    )
+    keep_layers: list[int] | None = Field(None, description="With student: keep_layers, the teacher layers to keep.")
+    loss: Literal["forward_kl", "reverse_kl"] = Field(
+        "forward_kl", description="Logit distillation loss (Minitron: forward KL on logits works best)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models; the KL is scaled by T^2.")
+    lm_weight: float = Field(
+        0.0, ge=0, le=1, description="Mix with the ordinary next-token loss: (1-w) * KD + w * LM (1 = plain fine-tuning)."
+    )
+    hidden_loss: Literal["none", "mse", "cosine"] = Field("none", description="Optional hidden-state loss.")
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state loss.")
+    layer_map: dict[int, int] = Field(
+        default_factory=dict, description="Hidden-state loss pairs: student layer -> teacher layer (outputs of those blocks)."
+    )
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, ge=0, description="Seed for data order and anything random.")
+    eval_every: int = Field(50, ge=0, description="Perplexity on the evaluation data every N steps (0: only at the end).")
+    eval_windows: int | None = Field(2, ge=1, description="Windows used by the periodic evaluations (None: all).")
+    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: never); `compress run --resume` continues.")
+    checkpoint_dir: str | None = Field(None, description="Where checkpoints go (default: `<output>.distill-ckpt`).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistillStage":
+        if self.student == "keep_layers" and not self.keep_layers:
+            raise ValueError("student: keep_layers needs a non-empty `keep_layers` list")
+        if self.keep_layers and self.student != "keep_layers":
+            raise ValueError("`keep_layers` needs student: keep_layers")
+        if self.hidden_loss != "none" and (not self.layer_map or self.hidden_weight <= 0):
+            raise ValueError("a hidden_loss needs a `layer_map` and a positive `hidden_weight`")
+        return self
+
+
+class DistillEntry(_Strict):
+    distill: DistillStage = Field(default_factory=DistillStage)
+
+
+STAGE_KINDS = ("quantize", "prune", "distill")
 
 
 def _stage_kind(value: Any) -> str | None:
@@ -269,7 +322,11 @@ def _stage_kind(value: Any) -> str | None:
 
 
 Stage = Annotated[
-    Union[Annotated[QuantizeEntry, Tag("quantize")], Annotated[PruneEntry, Tag("prune")]],
+    Union[
+        Annotated[QuantizeEntry, Tag("quantize")],
+        Annotated[PruneEntry, Tag("prune")],
+        Annotated[DistillEntry, Tag("distill")],
+    ],
     Discriminator(
         _stage_kind,
         custom_error_type="stage",
@@ -359,7 +416,7 @@ def format_loc(loc: tuple) -> str:
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the last key of `loc` (to list the keys allowed there)."""
-    stage_models = {"quantize": QuantizeStage, "prune": PruneStage}
+    stage_models = {"quantize": QuantizeStage, "prune": PruneStage, "distill": DistillStage}
     keys = [k for k in loc[:-1] if not isinstance(k, int)]
     model: type[BaseModel] | None = Recipe
     while keys and model is not None:
@@ -504,6 +561,7 @@ def schema_markdown() -> str:
             if name == "stages":
                 walk(QuantizeStage, "stages[i].quantize.")
                 walk(PruneStage, "stages[i].prune.")
+                walk(DistillStage, "stages[i].distill.")
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             tname = str(ann).replace("typing.", "").replace(" | ", " or ").replace("|", " or ")
