@@ -86,8 +86,9 @@ _set_option = click.option(
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_set_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory once the new artifact is complete.")
+@click.option("--resume", is_flag=True, help="Continue a distill stage from its latest checkpoint (after a crash or kill).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, no_progress: bool) -> None:
+def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool, no_progress: bool) -> None:
     """Run RECIPE: load the model, run its stages, evaluate, export the artifact.
 
     The artifact directory (recipe key `output`) receives the checkpoint, report.json,
@@ -97,7 +98,7 @@ def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, no_progress: 
     from compressor.recipe import load_recipe
 
     r = load_recipe(recipe, list(overrides))
-    result = run_pipeline(r, str(recipe), overwrite=overwrite, progress=not no_progress)
+    result = run_pipeline(r, str(recipe), overwrite=overwrite, progress=not no_progress, resume=resume)
     ppl = result.report["perplexity"]
     size = result.report["size"]
     click.echo(f"artifact: {result.output}")

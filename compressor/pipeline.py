@@ -6,8 +6,10 @@ next to `output` and renamed into place at the end (see `export.artifact.atomic_
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +56,8 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
     if len(quantize_stages) > 1:
         raise RecipeError(recipe_file, f"stages[{quantize_stages[1]}]", "quantize", "at most one quantize stage per recipe")
     for i, (kind, opts) in enumerate(stages):
-        if kind == "prune" and quantize_stages and i > quantize_stages[0]:
-            raise RecipeError(recipe_file, f"stages[{i}]", "prune", "prune stages must come before the quantize stage")
+        if kind in ("prune", "distill") and quantize_stages and i > quantize_stages[0]:
+            raise RecipeError(recipe_file, f"stages[{i}]", kind, f"{kind} stages must come before the quantize stage")
         if kind == "prune" and opts.joint_quantize:
             nxt = stages[i + 1] if i + 1 < len(stages) else None
             if nxt is None or nxt[0] != "quantize" or nxt[1].method != "gptq":
@@ -109,7 +111,36 @@ def _round_to_fp16_(model: nn.Module, quantized: set[str]) -> None:
             p.data = p.data.half().to(p.dtype)
 
 
-def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress: bool = True) -> RunResult:
+def _distill_stage(model, teacher, tokenizer, options, recipe: Recipe, eval_ids, i: int, resume: bool, progress: bool):
+    """Run one distill stage; returns (student, report). The student may be a different model."""
+    from compressor.data import token_ids
+    from compressor.distill import distill_, student_from_teacher_layers
+
+    key = f"stages[{i}].distill"
+    dtype = next(model.parameters()).dtype
+    if options.teacher != "input":
+        teacher = load_model(resolve_source(options.teacher, key=f"{key}.teacher"), dtype)
+    if options.student == "keep_layers":
+        student = student_from_teacher_layers(teacher, options.keep_layers)
+    elif options.student != "current":
+        student = load_model(resolve_source(options.student, key=f"{key}.student"), dtype)
+    else:
+        student = model
+    checkpoints = Path(options.checkpoint_dir or f"{recipe.output}.distill-ckpt") / f"stage{i}"
+    train_ids = token_ids(tokenizer, recipe.data.calibration, "calibration")  # never the evaluation part
+    report = distill_(
+        student, teacher, options, train_ids, eval_ids, recipe.data.evaluation.seq_len,
+        checkpoints if options.checkpoint_every else None, resume=resume, key=key, progress=progress,
+    )  # fmt: skip
+    student.requires_grad_(False)
+    student.eval()
+    return student, report, checkpoints
+
+
+def run(
+    recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress: bool = True, resume: bool = False
+) -> RunResult:
+    """Run the recipe. `resume`: a distill stage continues from its latest checkpoint."""
     started = time.perf_counter()
     out = Path(recipe.output)
     overwrite = overwrite or recipe.export.overwrite
@@ -148,6 +179,10 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
         return result.to_dict()
 
     dense_ppl = evaluate("dense") if recipe.evaluate.dense else None
+    # A distill stage's default teacher is the model as it entered the pipeline.
+    needs_teacher = any(kind == "distill" and o.teacher == "input" for kind, o in recipe.stage_list())
+    teacher = copy.deepcopy(model) if needs_teacher else None
+    distill_curves, checkpoint_dirs = [], []
 
     stages_report, quantized, qstage, sparsity = [], {}, None, None
     stages = recipe.stage_list()
@@ -163,11 +198,16 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
             batch_size=recipe.compute.calibration_batch_size,
             max_activation_gb=recipe.compute.max_activation_gb,
             progress=progress,
-            desc=f"stage {i} {kind} ({options.method})",
+            desc=f"stage {i} {kind}" + (f" ({options.method})" if hasattr(options, "method") else ""),
         )
         entry: dict[str, Any] = {"kind": kind, "options": options.model_dump()}
         with measure() as m:
-            if kind == "quantize":
+            if kind == "distill":
+                model, report_, ckpt = _distill_stage(model, teacher, tokenizer, options, recipe, eval_ids, i, resume, progress)
+                entry["distill"] = report_
+                distill_curves.append((i, report_))
+                checkpoint_dirs.append(ckpt)
+            elif kind == "quantize":
                 check_against_model(recipe, quantized_layer_widths(model, recipe), recipe_file)
                 outcome = quantize_(model, options, calibration_ids, engine, keep_zeros=sparsity is not None)
                 quantized, qstage, entry["layers"] = outcome.quantized, options, outcome.layers
@@ -255,6 +295,15 @@ def run(recipe: Recipe, recipe_file: str = "", overwrite: bool = False, progress
         from compressor.report import write_report
 
         write_report(tmp, report)
+        if distill_curves:
+            from compressor.distill import plot_distill_curves
+
+            for i, rep in distill_curves:
+                plot_distill_curves(rep, tmp / f"distill_stage{i}.png")
         write_manifest(tmp)
     log.info("wrote %s", out)
+    for ckpt in checkpoint_dirs:  # the artifact is complete: nothing is left to resume
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if ckpt.parent.name.endswith(".distill-ckpt") and ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+            ckpt.parent.rmdir()
     return RunResult(out, report, model)

@@ -83,7 +83,13 @@ def render_markdown(r: dict[str, Any], has_plot: bool = True) -> str:
                   f"{sp['method']} ({sp['structure']}): {100 * sp['sparsity_of_pruned_linears']:.2f}% zeros in the "
                   f"{sp['pruned_linears']} pruned linears, {100 * sp['sparsity_of_block_linears']:.2f}% of all block "
                   "linear weights. Per-layer values are in `report.json` (stages[].layers[].sparsity)."]  # fmt: skip
-    for st in r.get("stages", []):
+    for i, st in enumerate(r.get("stages", [])):
+        if st.get("distill"):
+            d = st["distill"]
+            lines += ["", f"## Distillation (stage {i})", "",
+                      f"{d.get('steps')} steps, {d.get('tokens_seen', d.get('tokens', 0))} tokens in {d.get('wall_seconds', d.get('seconds', 0)):.0f} s; "
+                      f"final perplexity {d.get('final_perplexity', float('nan')):.4f}.", "",
+                      f"![distillation curves](distill_stage{i}.png)"]  # fmt: skip
         if st.get("structured"):
             s_ = st["structured"]
             lines += ["", "## Structured pruning", "", "```", json.dumps({k: v for k, v in s_.items() if k != "removed"}, indent=1)[:2000], "```"]
