@@ -137,3 +137,27 @@ def test_sweep_writes_json_and_plot(tiny_llama_dir, tmp_path):
     assert ppl[0] != ppl[1] and all((tmp_path / "sw" / f"sparsity={v}" / "report.json").exists() for v in (0.1, 0.6))
     assert (tmp_path / "sw" / "sweep.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["dense"]["perplexity"] > 0
+
+
+def test_semi_structured_runtime_refuses_without_a_capable_gpu():
+    from compressor.errors import UserError
+    from compressor.runtime.sparse import semi_structured_supported, sparsify_2_4_
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert not semi_structured_supported(torch.device("cpu"))
+    with pytest.raises(UserError, match="compute capability >= 8.0"):
+        sparsify_2_4_(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="needs an sm_80+ GPU")
+def test_semi_structured_matches_dense_on_gpu():
+    from compressor.algorithms.pruning import magnitude_prune
+    from compressor.runtime.sparse import sparsify_2_4_
+
+    lin = torch.nn.Linear(256, 128, bias=False)
+    lin.weight.data = magnitude_prune(lin.weight.data, pattern="2:4").weight
+    model = torch.nn.Sequential(lin).half().cuda()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.half)
+    ref = model(x)
+    assert sparsify_2_4_(model) == ["0"]
+    torch.testing.assert_close(model(x), ref, rtol=1e-2, atol=1e-2)
