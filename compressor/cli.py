@@ -158,7 +158,7 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 
     r = load_recipe(recipe, list(overrides))
     checked = validate_recipe(r, str(recipe))
-    stages = ", ".join(f"{kind}({opts.method})" for kind, opts in r.stage_list())
+    stages = ", ".join(f"{kind}({getattr(opts, 'method', opts.loss if kind == 'distill' else '')})" for kind, opts in r.stage_list())
     click.echo(
         f"{recipe}: ok: model {checked['source'].label} ({checked['config'].model_type}), "
         f"stages [{stages}], {checked['quantized_linears']} linears to compress, output {r.output}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import platform
 import shutil
 import time
@@ -56,6 +57,10 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
     if len(quantize_stages) > 1:
         raise RecipeError(recipe_file, f"stages[{quantize_stages[1]}]", "quantize", "at most one quantize stage per recipe")
     for i, (kind, opts) in enumerate(stages):
+        if kind == "distill" and any(k == "prune" and o.method != "structured" for k, o in stages[:i]):
+            raise RecipeError(recipe_file, f"stages[{i}]", "distill",
+                              "training after unstructured/N:M pruning would refill the pruned weights; "
+                              "distill before that prune stage (structured pruning before distill is fine)")  # fmt: skip
         if kind in ("prune", "distill") and quantize_stages and i > quantize_stages[0]:
             raise RecipeError(recipe_file, f"stages[{i}]", kind, f"{kind} stages must come before the quantize stage")
         if kind == "prune" and opts.joint_quantize:
@@ -131,6 +136,7 @@ def _distill_stage(model, teacher, tokenizer, options, recipe: Recipe, eval_ids,
     report = distill_(
         student, teacher, options, train_ids, eval_ids, recipe.data.evaluation.seq_len,
         checkpoints if options.checkpoint_every else None, resume=resume, key=key, progress=progress,
+        eval_batch_size=recipe.data.evaluation.batch_size, final_max_windows=recipe.data.evaluation.max_windows,
     )  # fmt: skip
     student.requires_grad_(False)
     student.eval()
@@ -274,6 +280,8 @@ def run(
     if dense_ppl and compressed_ppl:
         report["perplexity"]["increase"] = compressed_ppl["perplexity"] / dense_ppl["perplexity"] - 1
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` only the main process writes
+        return RunResult(out, report, model)
     with atomic_output_dir(out, overwrite) as tmp:
         with measure() as m:
             if quant_config is not None:
