@@ -25,3 +25,11 @@ def test_default_recipe_is_the_documented_embedded_default():
     assert (kind, q.method, q.bits, q.group_size, q.sym) == ("quantize", "gptq", 4, 64, True)
     assert (r.data.calibration.samples, r.data.calibration.seq_len) == (64, 512)
     assert r.output == "runs/smollm2-w4g64"
+
+
+def test_readme_option_table_is_generated_from_the_schema():
+    # README's option table is `python -m compressor.recipe`; regenerate it when the schema changes.
+    from compressor.recipe import schema_markdown
+
+    readme = (RECIPES.parent / "README.md").read_text()
+    assert schema_markdown() in readme
