@@ -39,8 +39,8 @@ def _static_grid_quantizer(weight: torch.Tensor, q: QuantizeStage):
     """
     n, k = weight.shape
     gs = k if q.group_size == -1 else q.group_size
-    scales = torch.empty(k // gs, n)
-    zeros = torch.empty(k // gs, n)
+    scales = torch.empty(k // gs, n, device=weight.device)
+    zeros = torch.empty(k // gs, n, device=weight.device)
     for g in range(k // gs):
         scales[g], zeros[g] = grid_params(weight[:, g * gs : (g + 1) * gs], q.bits, q.sym, q.mse)
     maxq = max_code(q.bits)
@@ -51,7 +51,7 @@ def _static_grid_quantizer(weight: torch.Tensor, q: QuantizeStage):
 
     def record(w_hat: torch.Tensor, rows: slice) -> QuantizedWeight:
         """The quantized record of output rows `rows` of the stacked weight."""
-        g_idx = torch.arange(k) // gs
+        g_idx = torch.arange(k, device=w_hat.device) // gs
         group_scales, group_zeros = scales[:, rows], zeros[:, rows]
         s, z = group_scales[g_idx].T, group_zeros[g_idx].T
         codes = torch.clamp(torch.round(w_hat / s) + z, 0, maxq)  # exact: w_hat lies on the grid
@@ -107,7 +107,7 @@ class PruneLayerwise:
                 }
                 linear.weight.data.copy_(pruned.to(linear.weight.dtype))
                 if record is not None:
-                    self.quantized[name] = record(pruned, rows)
+                    self.quantized[name] = record(pruned, rows).to("cpu")
         elapsed = (time.perf_counter() - start) / len(linears)
         for rec in records.values():
             rec["seconds"] = elapsed

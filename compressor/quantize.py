@@ -58,7 +58,7 @@ class GPTQLayerwise:
                 "shape": [linear.out_features, linear.in_features],
             }
             linear.weight.data.copy_(weight_hat.to(linear.weight.dtype))
-            self.quantized[name] = result.quantized.rows(rows)
+            self.quantized[name] = result.quantized.rows(rows).to("cpu")  # export packs on the CPU
         return records
 
 

@@ -105,13 +105,14 @@ def gptq_quantize(
     W[:, dead] = 0
 
     num_groups = k // gs
-    scales = torch.zeros(num_groups, n)
-    zeros = torch.zeros(num_groups, n)
+    dev = W.device
+    scales = torch.zeros(num_groups, n, device=dev)
+    zeros = torch.zeros(num_groups, n, device=dev)
     if static_groups:
         for g in range(num_groups):
             scales[g], zeros[g] = grid_params(W[:, g * gs : (g + 1) * gs], bits, sym, mse)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=dev)
     W = W[:, perm]
     kept = mask[:, perm] if mask is not None else None
     H = H[perm][:, perm]
@@ -119,10 +120,10 @@ def gptq_quantize(
 
     maxq = max_code(bits)
     Q = torch.zeros_like(W)
-    codes = torch.zeros(n, k)
+    codes = torch.zeros(n, k, device=dev)
     # Group of each position in processing order: its original column's group when static,
     # else consecutive runs of gs in processing order.
-    group_of_position = perm // gs if static_groups else torch.arange(k) // gs
+    group_of_position = perm // gs if static_groups else torch.arange(k, device=dev) // gs
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)

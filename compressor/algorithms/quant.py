@@ -100,6 +100,10 @@ class QuantizedWeight:
     def in_features(self) -> int:
         return self.codes.shape[1]
 
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.codes.to(device), self.scales.to(device), self.zeros.to(device),
+                               self.g_idx.to(device), self.bits, self.group_size, self.sym)  # fmt: skip
+
     def rows(self, rows: slice) -> "QuantizedWeight":
         """The record of output rows `rows` (for splitting a stacked q/k/v quantization)."""
         return QuantizedWeight(
@@ -127,7 +131,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) ->
         codes=codes.to(torch.uint8),
         scales=scale.reshape(k // gs, n).half(),
         zeros=zero.reshape(k // gs, n).to(torch.uint8),
-        g_idx=(torch.arange(k) // gs).to(torch.int32),
+        g_idx=(torch.arange(k, device=weight.device) // gs).to(torch.int32),
         bits=bits,
         group_size=group_size,
         sym=sym,
