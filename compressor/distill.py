@@ -65,7 +65,7 @@ from compressor.architectures import architecture_of
 from compressor.errors import UserError
 from compressor.evaluation.perplexity import perplexity
 from compressor.recipe import DistillStage
-from compressor.structured import PER_LAYER_CONFIG_LISTS
+from compressor.structured import keep_decoder_layers_
 
 log = logging.getLogger(__name__)
 
@@ -152,30 +152,7 @@ def student_from_teacher_layers(
 
     memo: dict[int, Any] = {id(blocks[i]): None for i in range(total) if i not in keep}
     student = copy.deepcopy(teacher, memo)
-    copied = arch.block_list(student)
-    new_blocks = nn.ModuleList([copied[i] for i in keep])
-    for new_index, block in enumerate(new_blocks):
-        for module in block.modules():  # attention's layer_idx indexes the KV cache
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
-    parent, _, attr = arch.blocks.rpartition(".")
-    setattr(student.get_submodule(parent) if parent else student, attr, new_blocks)
-
-    config = student.config
-    changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
-    for name in PER_LAYER_CONFIG_LISTS:
-        values = getattr(config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == total:
-            changes[name] = [values[i] for i in keep]
-    if isinstance(getattr(config, "max_window_layers", None), int):
-        # Qwen2/3: layers with index >= max_window_layers slide; count the kept ones below it
-        changes["max_window_layers"] = sum(1 for i in keep if i < config.max_window_layers)
-    for name, value in changes.items():
-        setattr(config, name, value)
-    if "layer_types" in changes:
-        for module in student.modules():  # Qwen2/3 build a sliding mask only if some layer slides
-            if isinstance(getattr(module, "has_sliding_layers", None), bool):
-                module.has_sliding_layers = "sliding_attention" in changes["layer_types"]
+    keep_decoder_layers_(student, keep, f"{key}.keep_layers", f"the teacher with only layers {keep}")
     return student
 
 

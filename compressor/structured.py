@@ -497,13 +497,6 @@ def _prune_layers(model, arch, layout, options, calibration_ids, key, batch_size
             f"{key}.count: {count} layers to remove but `skip` protects {len(protected)} of the {total} "
             f"(layers {protected}); at most {total - len(protected)}"
         )
-    config = model.config
-    per_layer = {
-        name: list(getattr(config, name))
-        for name in PER_LAYER_CONFIG_LISTS
-        if isinstance(getattr(config, name, None), (list, tuple)) and len(getattr(config, name)) == total
-    }
-
     blocks = arch.block_list(model)
     cos_sum = [0.0] * total
     tokens = [0] * total
@@ -526,13 +519,36 @@ def _prune_layers(model, arch, layout, options, calibration_ids, key, batch_size
     gone = lowest(candidates, count)
     keep = kept(total, gone)
 
+    changes = keep_decoder_layers_(model, keep, f"{key}.count", f"the model without layers {gone}")
+    return {
+        "score": "ShortGPT block influence: 1 - mean cos(block input, block output) over calibration tokens",
+        "removed": gone,
+        "kept": keep,
+        "config": changes,
+        "importance": {"block_influence": [_r(v) for v in bi.tolist()], "protected": protected},
+    }
+
+
+def keep_decoder_layers_(model: nn.Module, keep: list[int], key: str, what: str) -> dict[str, Any]:
+    """Keep only the decoder layers `keep` (increasing) of `model`, in place; return the config changes.
+
+    Rewrites `num_hidden_layers` and the per-layer config lists (`layer_types`, ...) and renumbers
+    each attention's `layer_idx` (its KV-cache slot) 0..n-1, so generation with a cache and
+    save/load with plain transformers work. The new config is checked before anything changes.
+    """
+    arch = architecture_of(model)
+    blocks = arch.block_list(model)
+    total, config = len(blocks), model.config
     changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
-    changes.update({name: [values[i] for i in keep] for name, values in per_layer.items()})
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == total:
+            changes[name] = [values[i] for i in keep]
     if isinstance(getattr(config, "max_window_layers", None), int):
-        # Qwen2/3: layers with index >= max_window_layers use sliding windows; count the kept ones below it
+        # Qwen2/3: layers with index >= max_window_layers slide; count the kept ones below it
         changes["max_window_layers"] = sum(1 for i in keep if i < config.max_window_layers)
     if err := _config_error(config, changes):
-        raise UserError(f"{key}.count: the model without layers {gone} is rejected by {type(config).__name__}: {err}")
+        raise UserError(f"{key}: {what} is rejected by {type(config).__name__}: {err}")
 
     new_blocks = nn.ModuleList([blocks[i] for i in keep])
     for new_index, block in enumerate(new_blocks):
@@ -543,13 +559,7 @@ def _prune_layers(model, arch, layout, options, calibration_ids, key, batch_size
     setattr(model.get_submodule(parent) if parent else model, attr, new_blocks)
     _apply_config(model, changes)
     if "layer_types" in changes:
-        for module in model.modules():  # Qwen2/3 models build a sliding mask only if some layer slides
+        for module in model.modules():  # Qwen2/3 build a sliding mask only if some layer slides
             if isinstance(getattr(module, "has_sliding_layers", None), bool):
                 module.has_sliding_layers = "sliding_attention" in changes["layer_types"]
-    return {
-        "score": "ShortGPT block influence: 1 - mean cos(block input, block output) over calibration tokens",
-        "removed": gone,
-        "kept": keep,
-        "config": changes,
-        "importance": {"block_influence": [_r(v) for v in bi.tolist()], "protected": protected},
-    }
+    return changes
