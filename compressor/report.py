@@ -88,7 +88,7 @@ def render_markdown(r: dict[str, Any], has_plot: bool = True) -> str:
             d = st["distill"]
             lines += ["", f"## Distillation (stage {i})", "",
                       f"{d.get('steps')} steps, {d.get('tokens_seen', d.get('tokens', 0))} tokens in {d.get('wall_seconds', d.get('seconds', 0)):.0f} s; "
-                      (f"final perplexity {d['final_perplexity']:.4f}." if d.get("final_perplexity") is not None else "no evaluation data."), "",
+                      + (f"final perplexity {d['final_perplexity']:.4f}." if d.get("final_perplexity") is not None else "no evaluation data."), "",
                       f"![distillation curves](distill_stage{i}.png)"]  # fmt: skip
         if st.get("structured"):
             s_ = st["structured"]
