@@ -254,12 +254,16 @@ def _tiny(config_cls, model_cls, **extra):
     return model
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
 def test_other_llama_like_architectures(kind):
     if kind == "mistral":
         from transformers import MistralConfig, MistralForCausalLM
 
         model = _tiny(MistralConfig, MistralForCausalLM, head_dim=16)
+    elif kind == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        model = _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16)
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
