@@ -275,11 +275,17 @@ def info(path: str | None) -> None:
     if p.is_dir():
         from compressor import runtime
 
-        if not runtime.is_gptq_artifact(p):
-            raise UserError(f"{path}: not a GPTQ artifact directory (no quantization_config with quant_method gptq)")
-        qc = runtime.gptq_config(p)
+        if not (p / "config.json").is_file():
+            raise UserError(f"{path}: no config.json; not a model or artifact directory")
         files = sorted(f for f in p.rglob("*") if f.is_file())
-        click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc))
+        if runtime.is_gptq_artifact(p):
+            qc = runtime.gptq_config(p)
+            click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc))
+        else:
+            config = json.loads((p / "config.json").read_text())
+            sparsity = config.get("compressor_sparsity")
+            click.echo(f"{path}: dense {config.get('model_type', '?')} checkpoint, {config.get('num_hidden_layers', '?')} layers"
+                       + (f", {sparsity['structure']} sparsity {sparsity['global_sparsity']:.3f}" if sparsity else ""))  # fmt: skip
         click.echo(f"files: {len(files)}, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB; manifest: {'yes' if (p / 'manifest.json').exists() else 'no'}")
         report = p / "report.json"
         if report.exists():

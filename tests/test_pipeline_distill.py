@@ -39,6 +39,13 @@ def test_prune_then_distill_then_export(tiny_llama_dir, tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["num_hidden_layers"] == 1
     assert not (tmp_path / "a.distill-ckpt").exists()  # removed once the artifact is complete
 
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "a")])
+    assert info.exit_code == 0 and "dense llama checkpoint, 1 layers" in info.output
+
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(tiny_llama_dir, tmp_path, monkeypatch):
     straight = run(_recipe(tiny_llama_dir, tmp_path / "straight"), progress=False).model
