@@ -103,8 +103,7 @@ def capture_block_inputs(model: nn.Module, arch: Architecture, input_ids: torch.
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states",)}
-        captured.append((hidden, kwargs))
+        captured.append((hidden, dict(kwargs)))
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -137,10 +136,10 @@ def run_layerwise(
     # (embeddings, rotary tables) moves to the device for the capture.
     offload = device.type != "cpu"
     if offload:
-        _move_except_blocks(model, blocks, device)
+        _move_except_blocks(model, arch, device)
     inputs = capture_block_inputs(model, arch, calibration_ids, batch, device)
     if offload:
-        _move_except_blocks(model, blocks, torch.device("cpu"))
+        _move_except_blocks(model, arch, torch.device("cpu"))
 
     records: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(blocks), desc=options.desc, unit="block", disable=not options.progress)
@@ -161,17 +160,18 @@ def run_layerwise(
     return records
 
 
-def _move_except_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    block_ids = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) in block_ids:
-            continue
-        for key, p in module._parameters.items():
-            if p is not None:
-                module._parameters[key] = nn.Parameter(p.data.to(device), requires_grad=p.requires_grad)
-        for key, b in module._buffers.items():
-            if b is not None:
-                module._buffers[key] = b.to(device)
+def _move_except_blocks(model: nn.Module, arch: Architecture, to: torch.device | torch.dtype) -> None:
+    """`model.to(to)` for everything outside the decoder blocks. The blocks are detached for the
+    call, so torch's own conversion (which keeps a tied lm_head and embedding one parameter) does
+    the rest."""
+    parent, _, attr = arch.blocks.rpartition(".")
+    holder = model.get_submodule(parent) if parent else model
+    blocks = getattr(holder, attr)
+    setattr(holder, attr, nn.ModuleList())
+    try:
+        model.to(to)
+    finally:
+        setattr(holder, attr, blocks)
 
 
 def _compress_block(block, groups, inputs, algorithm, options, records):

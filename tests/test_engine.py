@@ -332,3 +332,19 @@ def test_engine_uses_the_auto_batch_size(dense):
             with pytest.raises(Stop):
                 quantize_(make_tiny_llama(), stage(), IDS, options(batch_size=3, max_activation_gb=gb))
             assert seen[-1] == 3  # an explicit batch size wins
+
+
+def test_moving_the_model_front_keeps_tied_embeddings_tied():
+    # The GPU path moves everything outside the blocks to the device and back; a tied lm_head
+    # must stay the very same parameter as the embeddings and the blocks must not move. No GPU
+    # here, so a dtype conversion exercises the same mechanism.
+    from compressor.architectures import architecture_of
+    from compressor.engine import _move_except_blocks
+
+    model = make_tiny_llama()
+    arch = architecture_of(model)
+    _move_except_blocks(model, arch, torch.float64)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.dtype == torch.float64 and model.model.norm.weight.dtype == torch.float64
+    assert arch.block_list(model)[0].mlp.up_proj.weight.dtype == torch.float32
+    assert len(arch.block_list(model)) == 2
