@@ -297,5 +297,26 @@ def info(path: str | None) -> None:
     raise UserError(f"{path}: no such artifact directory or recipe file")
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo", "repo_id", required=True, metavar="OWNER/NAME", help="Hugging Face Hub model repository.")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing).")
+@click.option("--overwrite", is_flag=True, help="Allow committing to a repository that already exists.")
+@click.option("--dry-run", is_flag=True, help="Print the files and the model card; upload nothing.")
+def push(artifact: Path, repo_id: str, private: bool, revision: str | None, overwrite: bool, dry_run: bool) -> None:
+    """Upload ARTIFACT to the Hugging Face Hub with a generated model card (README.md), in one commit.
+
+    The token comes from HF_TOKEN or `hf auth login`. The artifact's manifest is verified first.
+    """
+    from compressor.hub import push as push_artifact
+
+    if dry_run:
+        click.echo(f"dry run: would upload to {repo_id}:")
+    result = push_artifact(artifact, repo_id, private=private, revision=revision, overwrite=overwrite, dry_run=dry_run, echo=click.echo)
+    if not dry_run:
+        click.echo(f"pushed: {result}")
+
+
 if __name__ == "__main__":
     main()
