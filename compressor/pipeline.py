@@ -310,6 +310,11 @@ def run(
                 plot_distill_curves(rep, tmp / f"distill_stage{i}.png")
         write_manifest(tmp)
     log.info("wrote %s", out)
+    if recipe.push is not None:  # only after the artifact is complete on disk
+        from compressor.hub import push
+
+        p = recipe.push
+        push(out, p.repo, private=p.private, revision=p.revision, overwrite=p.overwrite, dry_run=p.dry_run, echo=log.info)
     for ckpt in checkpoint_dirs:  # the artifact is complete: nothing is left to resume
         shutil.rmtree(ckpt, ignore_errors=True)
         if ckpt.parent.name.endswith(".distill-ckpt") and ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -355,6 +356,21 @@ class ExportSection(_Strict):
         return v
 
 
+class PushSection(_Strict):
+    repo: str = Field(..., description="Hub repository `owner/name` to publish the artifact to after a successful run.")
+    private: bool = Field(False, description="Create the repository as private.")
+    revision: str | None = Field(None, description="Branch to upload to (created if missing).")
+    overwrite: bool = Field(False, description="Allow uploading to a repository that already exists.")
+    dry_run: bool = Field(False, description="Print the files and the model card instead of uploading.")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("must be a Hub repository id like owner/name")
+        return v
+
+
 class ComputeSection(_Strict):
     calibration_batch_size: int = Field(
         0,
@@ -376,6 +392,7 @@ class Recipe(_Strict):
     export: ExportSection = Field(default_factory=ExportSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
     output: str = Field("runs/compressed", description="The artifact directory to write.")
+    push: PushSection | None = Field(None, description="Publish the artifact to the Hugging Face Hub after the run.")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -554,7 +571,8 @@ def schema_markdown() -> str:
         for name, field in model.model_fields.items():
             ann = field.annotation
             key = f"{prefix}{name}"
-            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            options = typing.get_args(ann) or (ann,)  # `X | None` -> (X, NoneType)
+            sub = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
             if sub is not None:
                 walk(sub, key + ".")
                 continue

@@ -224,3 +224,24 @@ def test_cli_push_dry_run(gptq_artifact, monkeypatch):
 def test_cli_push_bad_repo_exits_2(gptq_artifact):
     result = CliRunner().invoke(main, ["push", str(gptq_artifact), "--repo", "bad", "--dry-run"])
     assert result.exit_code == 2 and "OWNER/NAME" in result.output
+
+
+def test_recipe_push_section_publishes_only_after_the_artifact_is_complete(tiny_llama_dir, tmp_path, monkeypatch):
+    import compressor.hub
+    from compressor.pipeline import run
+    from compressor.recipe import load_recipe
+
+    calls = []
+
+    def fake_push(artifact_dir, repo_id, **kwargs):
+        assert (artifact_dir / "manifest.json").exists()  # the artifact is complete and in place
+        calls.append((str(artifact_dir), repo_id, kwargs["private"], kwargs["dry_run"]))
+
+    monkeypatch.setattr(compressor.hub, "push", fake_push)
+    recipe = load_recipe(None, [
+        f"model={tiny_llama_dir}", "data.calibration={samples: 2, seq_len: 32}",
+        "data.evaluation={seq_len: 64, max_windows: 1}", "stages=[{quantize: {group_size: 32}}]",
+        f"output={tmp_path / 'out'}", "push={repo: me/tiny, private: true, dry_run: true}",
+    ])  # fmt: skip
+    run(recipe, progress=False)
+    assert calls == [(str(tmp_path / "out"), "me/tiny", True, True)]
