@@ -74,7 +74,10 @@ def render_markdown(r: dict[str, Any], has_plot: bool = True) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in st["options"].items() if k != "skip")
         m = st["measurement"]
         mem = f"{m['peak_rss_mb']:.0f} MB RSS" + (f", {m['peak_cuda_mb']:.0f} MB CUDA" if "peak_cuda_mb" in m else "")
-        lines.append(f"| {i} | {st['kind']} | {opts} | {m['seconds']:.1f} s | {mem} |")
+        if st.get("fused_into"):  # ran inside the previous stage's pass: its time is counted there
+            lines.append(f"| {i} | {st['kind']} | {opts} | in {st['fused_into']} | in {st['fused_into']} |")
+        else:
+            lines.append(f"| {i} | {st['kind']} | {opts} | {m['seconds']:.1f} s | {mem} |")
     for name, m in r.get("timings", {}).items():
         lines.append(f"| - | {name} | | {m['seconds']:.1f} s | {m['peak_rss_mb']:.0f} MB RSS |")
     if r.get("sparsity"):

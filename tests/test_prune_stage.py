@@ -87,6 +87,7 @@ def test_joint_sparsegpt_gptq_keeps_2_4_in_the_artifact(tiny_llama_dir, tmp_path
     r = _recipe(tiny_llama_dir, tmp_path, '[{prune: {method: sparsegpt, pattern: "2:4", joint_quantize: true}}, {quantize: {group_size: 32}}]')
     result = run(r, progress=False)
     assert result.report["stages"][1]["fused_into"] == "stages[0]"
+    assert "| in stages[0] | in stages[0] |" in (result.output / "report.md").read_text()  # not counted twice
     qc = json.loads((result.output / "config.json").read_text())["quantization_config"]
     assert qc["static_groups"] is True and qc["desc_act"] is False
     for block in range(2):
