@@ -33,6 +33,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+def _cuda_kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """QuantLinear on CUDA inputs: compressor.kernels, imported (and its library built) on first use."""
+    from compressor.kernels.ops import quant_linear_forward
+
+    return quant_linear_forward(module, x)
+
+
+register_kernel("cuda", _cuda_kernel)  # a Python hook only: nothing is compiled or loaded at import
+
+
 _LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _REQUIRED_LAYER_TENSORS = ("qweight", "qzeros", "scales")
 
@@ -245,6 +256,10 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if device.type == "cuda":  # build the kernels and repack every layer now rather than on the first forward
+        from compressor.kernels.ops import prepare_model
+
+        prepare_model(model)
     return model
 
 
