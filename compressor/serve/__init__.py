@@ -1,0 +1,101 @@
+"""`compress serve`: an OpenAI-compatible server with continuous batching and speculative decoding.
+
+engine.py    scheduler (continuous batching, chunked prefill, speculative decoding)
+kv_cache.py  slot KV cache + the 4-D masks that let rows of different lengths share a forward
+sampling.py  greedy / temperature / top-k / top-p with per-request seeds
+text.py      incremental detokenization and stop strings
+api.py       FastAPI app: OpenAI schemas, SSE streaming, errors, /metrics
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from pathlib import Path
+
+from compressor.errors import UserError
+from compressor.serve.engine import Engine, EngineConfig, default_max_model_len
+from compressor.serve.metrics import ServeMetrics
+
+__all__ = ["Engine", "EngineConfig", "load_for_serving", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def load_for_serving(path: str, device: str = "auto"):
+    """(model, tokenizer): a GPTQ artifact through compressor.runtime (its kernels), else any model source."""
+    from compressor import runtime
+    from compressor.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+
+    dev = resolve_device(device)
+    p = Path(path)
+    if p.is_dir() and runtime.is_gptq_artifact(p):
+        return runtime.load(p, device=str(dev)), runtime.load_tokenizer(p)
+    source = resolve_source(path, key="ARTIFACT")
+    model = load_model(source, resolve_dtype("auto", dev)).to(dev).eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(source)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, so a busy port is a one-line error rather than a uvicorn traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def build(artifact: str, device: str = "auto", draft: str | None = None, served_model_name: str | None = None,
+          shutdown_timeout: float | None = 60.0, **engine_options):  # fmt: skip
+    """(app, engine): load the model (and draft), start the engine, wrap it in the FastAPI app."""
+    from compressor.serve.api import create_app
+
+    model, tokenizer = load_for_serving(artifact, device)
+    draft_model = None
+    if draft is not None:
+        draft_model, draft_tokenizer = load_for_serving(draft, device)
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"--draft {draft}: its tokenizer differs from {artifact}'s; a draft must share the tokenizer")
+    options = {k: v for k, v in engine_options.items() if v is not None}
+    options.setdefault("max_model_len", default_max_model_len(model))
+    metrics = ServeMetrics()
+    engine = Engine(model, tokenizer, EngineConfig(**options), draft=draft_model, metrics=metrics).start()
+    name = served_model_name or Path(artifact.rstrip("/")).name or artifact
+    app = create_app(engine, tokenizer, name, metrics, aliases=(artifact,), shutdown_timeout=shutdown_timeout)
+    return app, engine
+
+
+def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", draft: str | None = None,
+          served_model_name: str | None = None, shutdown_timeout: float = 60.0, log_level: str = "info", **engine_options) -> None:  # fmt: skip
+    """Serve until SIGINT/SIGTERM; SIGTERM stops admitting (503) and finishes in-flight requests first."""
+    import uvicorn
+
+    sock = _bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
+    app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, **engine_options)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.drain()  # requests on open connections now get 503; in-flight ones continue
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in getattr(self, "_captured_signals", []):
+                # uvicorn re-raises the signal after its graceful shutdown; a drained SIGTERM is a clean exit (0)
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=shutdown_timeout)
+    cfg = engine.config
+    log.info(
+        "serving %s on http://%s:%d (device %s, batch %d, max-model-len %d%s)", artifact, host, sock.getsockname()[1],
+        engine.device, engine.slots, cfg.max_model_len, f", draft {draft} k={engine.k}" if draft else "",
+    )  # fmt: skip
+    try:
+        DrainingServer(config).run(sockets=[sock])
+    finally:
+        engine.shutdown(0)
+        sock.close()

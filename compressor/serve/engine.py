@@ -1,0 +1,520 @@
+"""The serving engine: continuous batching over a slot KV cache, with optional speculative decoding.
+
+One thread owns the model (torch forwards must not run concurrently) and loops:
+
+1. admit waiting requests into free slots (at most `max_batch_size` run at once);
+2. prefill: up to `prefill_chunk` prompt tokens, taken first-come-first-served across the
+   sequences still reading their prompts (one padded forward), so a long prompt is read over
+   several iterations instead of stalling everyone else's decoding;
+3. decode: one forward over every sequence that has finished its prompt, one new token each
+   (or, with a draft model, up to k+1 tokens for greedy sequences, see `_propose`/`_decode`);
+4. finished or cancelled sequences leave and free their slot; the next iteration admits more.
+
+Callers (the HTTP handlers) `submit` token ids with a `sink` that receives one `Output` per
+iteration that produced tokens; the sink is called on the engine thread and must only hand the
+output over (e.g. `loop.call_soon_threadsafe`).
+
+Speculative decoding (greedy sequences only): the draft proposes k tokens greedily with its own
+slot cache, the served model scores the last token plus the k proposals in one forward, the
+longest prefix that matches the served model's own greedy choices is kept plus the served
+model's token after it. The result is the served model's greedy decoding; both caches "roll
+back" for free because a sequence's length is bookkeeping (see kv_cache.py). Sampled sequences
+in the same batch take one ordinary token per step in the same forward.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compressor.errors import UserError
+from compressor.serve.kv_cache import SlotKVCache, attention_mask, kv_bytes_per_token
+from compressor.serve.metrics import ServeMetrics
+from compressor.serve.sampling import SamplingParams, make_generator, sample
+from compressor.serve.text import IncrementalDetokenizer, StopStringFilter
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request the engine will not take; `param`/`code` follow OpenAI's error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class RequestRejected(EngineError):
+    """The request itself is invalid (HTTP 400)."""
+
+
+class Overloaded(EngineError):
+    """The waiting queue is full (HTTP 429 with Retry-After)."""
+
+
+class Draining(EngineError):
+    """The server is shutting down (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int  # prompt + completion tokens of one sequence
+    max_batch_size: int = 32  # sequences decoding together
+    max_prompt_tokens: int | None = None  # default: max_model_len - 1
+    max_tokens: int | None = None  # the largest max_tokens a request may ask; default: max_model_len - 1
+    max_queue: int = 256  # requests waiting for a slot before new ones get 429
+    prefill_chunk: int = 256  # prompt tokens per iteration
+    kv_cache_gb: float = 4.0  # budget for the slot caches (served model and draft together)
+    num_speculative_tokens: int = 4  # k, with a draft model
+
+
+@dataclass
+class Output:
+    """What one iteration produced for one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, sink: Callable[[Output], None], tokenizer, device):
+        self.id, self.prompt, self.params, self.sink = seq_id, prompt, params, sink
+        self.tokens = list(prompt)  # prompt + generated
+        self.slot: int | None = None
+        self.cached = 0  # tokens whose K/V are in the served model's cache
+        self.draft_cached = 0  # the same for the draft's cache
+        self.generator = make_generator(params, device)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStringFilter(params.stop)
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.arrival = time.perf_counter()
+        self.last_token_time: float | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.cached >= len(self.prompt)
+
+
+@dataclass
+class _Model:
+    """A causal LM split into what the engine calls: the decoder stack and the output head."""
+
+    model: torch.nn.Module
+    cache: SlotKVCache
+
+    def __post_init__(self):
+        self.decoder = self.model.get_decoder()
+        self.head = self.model.get_output_embeddings()
+        params = inspect.signature(self.decoder.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
+        self.attn = self.model.config._attn_implementation
+
+    def hidden(self, rows: list[tuple[int, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states [B, S, H] for rows (slot, new tokens, position of the first), and the valid mask."""
+        width = max(len(tokens) for _, tokens, _ in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (_, tokens, start) in enumerate(rows):
+            n = len(tokens)
+            ids[i, :n] = torch.tensor(tokens)
+            positions[i, :n] = torch.arange(start, start + n)
+            valid[i, :n] = True
+        device = self.cache.device
+        ids, positions, valid = ids.to(device), positions.to(device), valid.to(device)
+        self.cache.plan(torch.tensor([slot for slot, _, _ in rows]), positions, valid)
+        mask = attention_mask(positions, valid, self.cache.step.kv_len, self.attn, self.cache.dtype)
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_kw: self.cache})
+        return out.last_hidden_state, valid
+
+    def last_logits(self, rows) -> torch.Tensor:
+        """Logits [B, vocab] after each row's last new token."""
+        hidden, valid = self.hidden(rows)
+        last = valid.sum(dim=1) - 1
+        return self.head(hidden[torch.arange(len(rows), device=hidden.device), last]).float()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig, draft=None, metrics: ServeMetrics | None = None):
+        self.tokenizer, self.config, self.metrics = tokenizer, config, metrics
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        for m in (model, draft):
+            if m is not None and m.config._attn_implementation not in ("sdpa", "eager"):
+                m.set_attn_implementation("sdpa")  # our 4-D masks are for sdpa/eager
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context and config.max_model_len > context:
+            raise UserError(f"--max-model-len {config.max_model_len} exceeds the model's context of {context} tokens")
+        if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+            raise UserError(
+                f"--draft: vocabulary of {draft.config.vocab_size} tokens differs from the served model's "
+                f"{model.config.vocab_size}; the draft must share the tokenizer"
+            )
+        self.k = config.num_speculative_tokens if draft is not None else 0
+        capacity = config.max_model_len + self.k  # verification reads up to k positions past the last token
+        per_slot = capacity * sum(kv_bytes_per_token(m.config, self.dtype) for m in (model, draft) if m is not None)
+        slots = min(config.max_batch_size, int(config.kv_cache_gb * 2**30 // per_slot))
+        if slots < 1:
+            raise UserError(
+                f"--kv-cache-gb {config.kv_cache_gb} holds no sequence of --max-model-len {config.max_model_len} "
+                f"(one needs {per_slot / 2**30:.3f} GB); raise --kv-cache-gb or lower --max-model-len"
+            )
+        if slots < config.max_batch_size:
+            log.warning("KV cache budget %.2f GB fits %d sequences of %d tokens; batch size limited to %d",
+                        config.kv_cache_gb, slots, capacity, slots)  # fmt: skip
+        self.slots = slots
+        self.target = _Model(model, SlotKVCache(model.config, slots, capacity, self.dtype, self.device))
+        self.draft = _Model(draft, SlotKVCache(draft.config, slots, capacity, self.dtype, self.device)) if draft is not None else None
+        self.eos = _eos_ids(model, tokenizer)
+        self.max_prompt_tokens = config.max_prompt_tokens or config.max_model_len - 1
+        self.max_tokens = config.max_tokens or config.max_model_len - 1
+
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._free_slots = list(range(slots))
+        self._next_id = 0
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.spec_proposed = 0
+        self.spec_accepted = 0
+        self.steps = 0
+        if metrics:
+            metrics.kv_cache_bytes.set(self.target.cache.nbytes + (self.draft.cache.nbytes if self.draft else 0))
+
+    # ------------------------------------------------------------------ the caller's side (any thread)
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="compressor-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise RequestRejected when a request of this size cannot run."""
+        if prompt_tokens < 1:
+            raise RequestRejected("the prompt is empty", "prompt")
+        if max_tokens < 1:
+            raise RequestRejected(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        if max_tokens > self.max_tokens:
+            raise RequestRejected(f"max_tokens {max_tokens} exceeds this server's limit of {self.max_tokens}", "max_tokens")
+        if prompt_tokens > self.max_prompt_tokens:
+            raise RequestRejected(
+                f"the prompt has {prompt_tokens} tokens; this server accepts at most {self.max_prompt_tokens}",
+                "prompt", "context_length_exceeded",
+            )  # fmt: skip
+        if prompt_tokens + max_tokens > self.config.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.config.max_model_len} tokens; the request has "
+                f"{prompt_tokens} prompt tokens + max_tokens {max_tokens} = {prompt_tokens + max_tokens}",
+                "max_tokens", "context_length_exceeded",
+            )  # fmt: skip
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Output], None]) -> Sequence:
+        self.check(len(prompt), params.max_tokens)
+        with self._cond:
+            if not self._accepting:
+                raise Draining("the server is shutting down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise Overloaded(f"the server is busy ({len(self._waiting)} requests waiting); retry later")
+            seq = Sequence(self._next_id, list(prompt), params, sink, self.tokenizer, self.device)
+            self._next_id += 1
+            self._waiting.append(seq)
+            self._gauges()
+            self._cond.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq` (the client went away); its slot is freed before the next forward."""
+        if seq.finish_reason is None:
+            seq.cancelled = True
+            with self._cond:
+                self._cond.notify()
+
+    def drain(self) -> None:
+        """Refuse new requests (Draining); the ones already taken run to completion."""
+        with self._cond:
+            self._accepting = False
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Drain, wait up to `timeout` s for in-flight requests, abort what is left, stop the thread."""
+        self.drain()
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                for seq in [*self._waiting, *self._running]:
+                    seq.cancelled = True
+                self._cond.notify()
+            self._thread.join()
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
+        """(token ids, text, finish reason) of one request, blocking (tests and benchmarks)."""
+        outputs: list[Output] = []
+        done = threading.Event()
+
+        def sink(out: Output) -> None:
+            outputs.append(out)
+            if out.finish_reason:
+                done.set()
+
+        self.submit(prompt, params, sink)
+        done.wait()
+        if outputs[-1].finish_reason == "error":
+            raise RuntimeError(outputs[-1].error)
+        return [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs), outputs[-1].finish_reason
+
+    # ------------------------------------------------------------------ the engine thread
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self._waiting))
+            self.metrics.running.set(len(self._running))
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._waiting or self._running or self._stop):
+                        self._cond.wait()
+                    if self._stop and not self._waiting and not self._running:
+                        break
+                    while self._waiting and self._free_slots:
+                        seq = self._waiting.popleft()
+                        if seq.cancelled:
+                            self._finish(seq, "abort")
+                            continue
+                        seq.slot = heapq.heappop(self._free_slots)
+                        self._running.append(seq)
+                    self._gauges()
+                for seq in [s for s in self._running if s.cancelled]:
+                    self._retire(seq, "abort")
+                if not self._running:
+                    continue
+                started = time.perf_counter()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                    log.exception("engine step failed")
+                    for seq in list(self._running):
+                        self._retire(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                for seq in [s for s in self._running if s.finish_reason]:
+                    self._retire(seq, seq.finish_reason)
+                self.steps += 1
+                if self.metrics:
+                    self.metrics.step_time.observe(time.perf_counter() - started)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Record the end of `seq`; tell its client unless the output already carried the reason."""
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+            self._emit(seq, Output("", [], reason, len(seq.prompt), seq.generated, error))
+        if self.metrics:
+            self.metrics.finished.labels(seq.finish_reason).inc()
+            self.metrics.e2e.observe(time.perf_counter() - seq.arrival)
+
+    def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Take `seq` out of the batch and free its slot."""
+        self._finish(seq, reason, error)
+        self._running.remove(seq)
+        with self._cond:
+            heapq.heappush(self._free_slots, seq.slot)
+            self._gauges()
+
+    def _emit(self, seq: Sequence, out: Output) -> None:
+        try:
+            seq.sink(out)
+        except Exception:  # noqa: BLE001 - a closed event loop or a dead client must not stop the engine
+            log.debug("dropping output of sequence %d", seq.id, exc_info=True)
+            seq.cancelled = True
+
+    def _step(self) -> None:
+        reading = [s for s in self._running if not s.prefilled]
+        if reading:
+            self._prefill(reading)
+        ready = [s for s in self._running if s.prefilled and s.finish_reason is None and not s.cancelled]
+        if ready:
+            self._decode(ready)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        budget, batch = self.config.prefill_chunk, []
+        for seq in seqs:
+            n = min(len(seq.prompt) - seq.cached, budget)
+            if n <= 0:
+                break
+            batch.append((seq, seq.prompt[seq.cached : seq.cached + n]))
+            budget -= n
+        rows = [(seq.slot, chunk, seq.cached) for seq, chunk in batch]
+        hidden, valid = self.target.hidden(rows)
+        if self.draft is not None:  # greedy sequences will speculate: the draft reads their prompt too
+            drafted = [(seq.slot, chunk, seq.draft_cached) for seq, chunk in batch if seq.params.greedy]
+            if drafted:
+                self.draft.hidden(drafted)
+        for seq, chunk in batch:
+            seq.cached += len(chunk)
+            if self.draft is not None and seq.params.greedy:
+                seq.draft_cached += len(chunk)
+        done = [i for i, (seq, _) in enumerate(batch) if seq.prefilled]
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(sum(len(c) for _, c in batch))
+            self.metrics.prefill_tokens_per_step.observe(sum(len(c) for _, c in batch))
+        if not done:
+            return
+        last = valid.sum(dim=1) - 1
+        rows_done = torch.tensor(done, device=hidden.device)
+        logits = self.target.head(hidden[rows_done, last[rows_done]]).float()
+        seqs_done = [batch[i][0] for i in done]
+        tokens = sample(logits, [s.params for s in seqs_done], [s.generator for s in seqs_done])
+        for seq, token in zip(seqs_done, tokens):
+            self._append(seq, [token])
+
+    def _propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:
+        """k greedy draft tokens per sequence; the draft first catches up on tokens it has not read."""
+        rows = [(s.slot, s.tokens[s.draft_cached :], s.draft_cached) for s in seqs]
+        proposals = [[t] for t in self.draft.last_logits(rows).argmax(dim=-1).tolist()]
+        for s in seqs:
+            s.draft_cached = len(s.tokens)
+        for _ in range(k - 1):
+            rows = [(s.slot, [p[-1]], s.draft_cached) for s, p in zip(seqs, proposals)]
+            for p, t in zip(proposals, self.draft.last_logits(rows).argmax(dim=-1).tolist()):
+                p.append(t)
+            for s in seqs:
+                s.draft_cached += 1
+        return proposals
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        if self.metrics:
+            self.metrics.batch_size.observe(len(seqs))
+        # a sequence speculates when greedy and at least 2 tokens from its limit; it verifies k_i <= k proposals
+        budget = {s.id: min(self.k, s.params.max_tokens - s.generated - 1) for s in seqs if s.params.greedy}
+        speculating = [s for s in seqs if budget.get(s.id, 0) > 0]
+        proposals: dict[int, list[int]] = {}
+        if speculating:
+            k = max(budget[s.id] for s in speculating)
+            for s, p in zip(speculating, self._propose(speculating, k)):
+                proposals[s.id] = p[: budget[s.id]]
+
+        rows = [(s.slot, [s.tokens[-1], *proposals.get(s.id, [])], s.cached) for s in seqs]
+        hidden, valid = self.target.hidden(rows)
+        logits = self.target.head(hidden[valid]).float()  # [tokens fed, vocab], row by row
+        starts = [0]
+        for _, tokens, _ in rows:
+            starts.append(starts[-1] + len(tokens))
+
+        plain = [i for i, s in enumerate(seqs) if s.id not in proposals]
+        if plain:
+            picked = sample(logits[[starts[i] for i in plain]], [seqs[i].params for i in plain], [seqs[i].generator for i in plain])
+            for i, token in zip(plain, picked):
+                seqs[i].cached += 1
+                self._append(seqs[i], [token])
+        proposed_now = accepted_now = 0
+        for i, s in enumerate(seqs):
+            if s.id not in proposals:
+                continue
+            proposed = proposals[s.id]
+            choices = logits[starts[i] : starts[i + 1]].argmax(dim=-1).tolist()  # the served model's greedy tokens
+            accepted = 0
+            while accepted < len(proposed) and proposed[accepted] == choices[accepted]:
+                accepted += 1
+            n = len(s.tokens)
+            s.cached += 1 + accepted  # the last token and the accepted proposals; rejected ones are forgotten
+            s.draft_cached = min(s.draft_cached, n + accepted)
+            proposed_now += len(proposed)
+            accepted_now += accepted
+            self._append(s, proposed[:accepted] + [choices[accepted]])
+        self.spec_proposed += proposed_now
+        self.spec_accepted += accepted_now
+        if proposals and self.metrics:
+            self.metrics.spec_proposed.inc(proposed_now)
+            self.metrics.spec_accepted.inc(accepted_now)
+            self.metrics.spec_acceptance.set(self.spec_accepted / self.spec_proposed)
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> None:
+        """Add generated tokens (stopping at eos, a stop string or max_tokens) and emit the new text."""
+        now = time.perf_counter()
+        text, taken = "", []
+        for token in tokens:
+            seq.tokens.append(token)
+            taken.append(token)
+            if token in self.eos and not seq.params.ignore_eos:
+                seq.finish_reason = "stop"
+                text += seq.stops.finish(seq.detok.flush())
+                break
+            piece, hit = seq.stops.push(seq.detok.add(token))
+            text += piece
+            if hit:
+                seq.finish_reason = "stop"
+                break
+            if seq.generated >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+                text += seq.stops.finish(seq.detok.flush())
+                break
+        if self.metrics:
+            self.metrics.generation_tokens.inc(len(taken))
+            if seq.last_token_time is None:
+                self.metrics.ttft.observe(now - seq.arrival)
+            else:
+                gap = (now - seq.last_token_time) / len(taken)
+                for _ in taken:
+                    self.metrics.itl.observe(gap)
+        seq.last_token_time = now
+        self._emit(seq, Output(text, taken, seq.finish_reason, len(seq.prompt), seq.generated))
+
+
+def default_max_model_len(model, cap: int = 2048) -> int:
+    context = getattr(model.config, "max_position_embeddings", None) or cap
+    return int(min(context, cap))
+
+
+__all__ = [
+    "Draining",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "Output",
+    "Overloaded",
+    "RequestRejected",
+    "SamplingParams",
+    "default_max_model_len",
+]
