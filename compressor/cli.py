@@ -165,13 +165,19 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     )
 
 
-def _load_any(model_or_artifact: str, device: str):
-    """(model, tokenizer) from an artifact directory or any model source."""
+def _load_any(model_or_artifact: str, device: str, onnx: bool = False):
+    """(model, tokenizer) from an artifact directory or any model source; with `onnx`, an ONNX
+    artifact gives an `OnnxCausalLM` (onnxruntime session) instead of a torch model."""
     from compressor import runtime
     from compressor.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+    from compressor.runtime import onnx as onnx_runtime
 
-    dev = resolve_device(device)
     path = Path(model_or_artifact)
+    if path.is_dir() and onnx_runtime.is_onnx_artifact(path):
+        if not onnx:
+            raise UserError(f"{path}: an ONNX artifact runs only with `compress generate`; use the GPTQ artifact it was exported from")
+        return onnx_runtime.load(path, device=device), runtime.load_tokenizer(path)
+    dev = resolve_device(device)
     if path.is_dir() and runtime.is_gptq_artifact(path):
         return runtime.load(path, device=str(dev)), runtime.load_tokenizer(path)
     source = resolve_source(model_or_artifact, key="MODEL")
@@ -221,16 +227,27 @@ def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed, device) -> None:
-    """Print a completion of PROMPT by MODEL_OR_ARTIFACT (greedy unless --temperature > 0)."""
+    """Print a completion of PROMPT by MODEL_OR_ARTIFACT (greedy unless --temperature > 0).
+
+    MODEL_OR_ARTIFACT may also be an ONNX artifact (`compress export --format onnx`), run by onnxruntime.
+    """
     import torch
 
-    model, tokenizer = _load_any(model_or_artifact, device)
+    from compressor.runtime.onnx import OnnxCausalLM
+
+    model, tokenizer = _load_any(model_or_artifact, device, onnx=True)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"{model_or_artifact}: the tokenizer has no chat template; drop --chat")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
+    if isinstance(model, OnnxCausalLM):
+        ids = tokenizer(text, return_tensors="np", add_special_tokens=not chat).input_ids
+        out = model.generate(ids, max_new_tokens, temperature=temperature, seed=seed)
+        completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        click.echo(completion if chat else prompt + completion)
+        return
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids.to(next(model.parameters()).device)
     torch.manual_seed(seed)
     sample = temperature > 0
@@ -278,7 +295,14 @@ def info(path: str | None) -> None:
         if not (p / "config.json").is_file():
             raise UserError(f"{path}: no config.json; not a model or artifact directory")
         files = sorted(f for f in p.rglob("*") if f.is_file())
-        if runtime.is_gptq_artifact(p):
+        from compressor.runtime.onnx import is_onnx_artifact
+
+        if is_onnx_artifact(p):
+            oc = json.loads((p / "onnx_config.json").read_text())
+            nb = oc.get("matmul_nbits", {})
+            click.echo(f"{path}: ONNX artifact (opset {oc.get('opset')}), {nb.get('layers')} MatMulNBits linears, "
+                       f"bits={nb.get('bits')}, block_size={nb.get('block_sizes')}, accuracy_level={nb.get('accuracy_level')}")  # fmt: skip
+        elif runtime.is_gptq_artifact(p):
             qc = runtime.gptq_config(p)
             click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc))
         else:
@@ -295,6 +319,33 @@ def info(path: str | None) -> None:
                 click.echo(f"perplexity: dense {ppl['dense']['perplexity']:.4f}, compressed {ppl['compressed']['perplexity']:.4f}")
         return
     raise UserError(f"{path}: no such artifact directory or recipe file")
+
+
+@main.command(name="export")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, metavar="FORMAT", help="Target format: onnx.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to write (all or nothing).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory once the new one is complete.")
+@click.option("--accuracy-level", default=0, show_default=True, type=int,
+              help="onnx: MatMulNBits accuracy_level; 0 computes in float32, 4 quantizes activations to int8 (faster on CPU, less exact).")  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def export_cmd(artifact: Path, fmt: str, output: Path, overwrite: bool, accuracy_level: int, no_progress: bool) -> None:
+    """Convert the GPTQ ARTIFACT into another FORMAT at --output.
+
+    \b
+    onnx: a decoder with past key/values for onnxruntime; each GPTQ linear becomes a
+    com.microsoft MatMulNBits node holding the artifact's own codes, scales and zero points.
+      compress export runs/smollm2-w4g64 --format onnx --output runs/smollm2-w4g64-onnx
+      compress generate runs/smollm2-w4g64-onnx "def fibonacci(n):"
+    """
+    if fmt != "onnx":
+        raise UserError(f"--format: {fmt!r} is not supported; supported: onnx")
+    if accuracy_level not in (0, 4):
+        raise UserError(f"--accuracy-level: {accuracy_level} is not allowed: 0 (float32) or 4 (int8 activations)")
+    from compressor.export.onnx import export_onnx, onnx_bytes
+
+    out = export_onnx(artifact, output, overwrite=overwrite, accuracy_level=accuracy_level, progress=not no_progress)
+    click.echo(f"onnx artifact: {out} ({onnx_bytes(out) / 1e6:.1f} MB model.onnx)")
 
 
 @main.command()
@@ -316,6 +367,43 @@ def push(artifact: Path, repo_id: str, private: bool, revision: str | None, over
     result = push_artifact(artifact, repo_id, private=private, revision=revision, overwrite=overwrite, dry_run=dry_run, echo=click.echo)
     if not dry_run:
         click.echo(f"pushed: {result}")
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--draft", default=None, metavar="DRAFT_ARTIFACT", help="A smaller model (same tokenizer) for speculative decoding of greedy requests.")
+@click.option("--num-speculative-tokens", default=4, show_default=True, type=click.IntRange(1, 16), help="Draft tokens proposed per step (k).")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1, 1024), help="Sequences decoding together.")
+@click.option("--max-model-len", default=None, type=click.IntRange(2), help="Prompt + completion tokens per request [default: the model's context, at most 2048].")
+@click.option("--max-prompt-tokens", default=None, type=click.IntRange(1), help="Longest prompt accepted [default: max-model-len - 1].")
+@click.option("--max-tokens", "max_tokens_limit", default=None, type=click.IntRange(1), help="Largest max_tokens a request may ask [default: max-model-len - 1].")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0), help="Requests waiting for a slot before new ones get 429.")
+@click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(1), help="Prompt tokens read per engine step (long prompts interleave with decoding).")
+@click.option("--kv-cache-gb", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True), help="KV cache budget (served model and draft); caps the batch size.")
+@click.option("--served-model-name", default=None, help="The model name clients send [default: the artifact directory's name].")
+@click.option("--shutdown-timeout", default=60.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for in-flight requests.")
+def serve(artifact, host, port, device, draft, num_speculative_tokens, max_batch_size, max_model_len, max_prompt_tokens,
+          max_tokens_limit, max_queue, prefill_chunk, kv_cache_gb, served_model_name, shutdown_timeout) -> None:  # fmt: skip
+    """Serve ARTIFACT (an artifact directory or any model source) with an OpenAI-compatible API.
+
+    \b
+    Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+    Example:
+      compress serve runs/smollm2-w4g64 --port 8000
+      curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "smollm2-w4g64", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'
+    """
+    from compressor.serve import serve as run_server
+
+    run_server(
+        artifact, host=host, port=port, device=device, draft=draft, served_model_name=served_model_name,
+        shutdown_timeout=shutdown_timeout, num_speculative_tokens=num_speculative_tokens, max_batch_size=max_batch_size,
+        max_model_len=max_model_len, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_queue=max_queue,
+        prefill_chunk=prefill_chunk, kv_cache_gb=kv_cache_gb,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -68,13 +68,16 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
             if nxt is None or nxt[0] != "quantize" or nxt[1].method != "gptq":
                 raise RecipeError(recipe_file, f"stages[{i}].prune.joint_quantize", True,
                                   "needs a `quantize: {method: gptq}` stage right after it")  # fmt: skip
-    if recipe.export.format == "gptq" and not quantize_stages:
-        raise RecipeError(recipe_file, "export.format", "gptq", "needs a quantize stage in `stages` (or use export.format: dense)")
+    if recipe.export.format in ("gptq", "onnx") and not quantize_stages:
+        raise RecipeError(recipe_file, "export.format", recipe.export.format,
+                          "needs a quantize stage in `stages` (or use export.format: dense)")  # fmt: skip
     if recipe.export.format == "dense" and quantize_stages:
         raise RecipeError(recipe_file, "export.format", "dense", "a recipe with a quantize stage exports format gptq")
     source = resolve_source(recipe.model.source)
     config = load_config(source, recipe.model.revision, recipe.model.trust_remote_code)
     architecture_of(config)
+    if recipe.export.format == "onnx":
+        _check_onnx_exportable(recipe, config, quantize_stages[0], recipe_file)
     widths = quantized_layer_widths(config, recipe)
     if not any(kind == "prune" and opts.method == "structured" for kind, opts in stages):
         check_against_model(recipe, widths, recipe_file)  # structured pruning changes widths: checked later
@@ -86,6 +89,21 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
                 raise RecipeError(recipe_file, f"stages[{i}].prune.pattern", opts.pattern,
                                   f"M must divide every pruned layer's input width (got widths {bad})")  # fmt: skip
     return {"source": source, "config": config, "quantized_linears": len(widths)}
+
+
+def _check_onnx_exportable(recipe: Recipe, config, stage_index: int, recipe_file: str) -> None:
+    """Fail before any work if export.format onnx cannot express this model or bit width."""
+    from compressor.errors import UserError
+    from compressor.export.onnx import MATMUL_NBITS_BITS, decoder_shape
+
+    bits = recipe.stage_list()[stage_index][1].bits
+    if bits not in MATMUL_NBITS_BITS:
+        raise RecipeError(recipe_file, f"stages[{stage_index}].quantize.bits", bits,
+                          f"export.format onnx needs bits {', '.join(map(str, MATMUL_NBITS_BITS))} (what MatMulNBits runs)")  # fmt: skip
+    try:
+        decoder_shape(config)
+    except UserError as exc:
+        raise RecipeError(recipe_file, "export.format", "onnx", str(exc)) from None
 
 
 @dataclass
@@ -283,13 +301,23 @@ def run(
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` only the main process writes
         return RunResult(out, report, model)
     with atomic_output_dir(out, overwrite) as tmp:
+        shard_size = parse_size(recipe.export.max_shard_size)
         with measure() as m:
-            if quant_config is not None:
-                write_gptq_checkpoint(tmp, model, quantized, quant_config, tokenizer, parse_size(recipe.export.max_shard_size))
+            if recipe.export.format == "onnx":
+                # The GPTQ checkpoint is the exact intermediate: written to a temporary directory,
+                # converted to MatMulNBits tensors in `tmp`, then deleted.
+                from compressor.export.onnx import convert_checkpoint_dir, onnx_bytes
+
+                onnx_config = convert_checkpoint_dir(
+                    lambda d: write_gptq_checkpoint(d, model, quantized, quant_config, tokenizer, shard_size), tmp, progress=progress
+                )  # fmt: skip
+            elif quant_config is not None:
+                write_gptq_checkpoint(tmp, model, quantized, quant_config, tokenizer, shard_size)
             else:
-                write_dense_checkpoint(tmp, model, tokenizer, parse_size(recipe.export.max_shard_size))
+                write_dense_checkpoint(tmp, model, tokenizer, shard_size)
         timings["export"] = m.to_dict()
-        weights = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        # For onnx, the sizes stay those of the GPTQ weights (what `ideal` describes); the ONNX file is added.
+        weights = onnx_config["gptq_weights_bytes"] if recipe.export.format == "onnx" else sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         ideal = expected_size_bytes(model, quantized)
         report["size"] = {
             "artifact_weights_bytes": weights,
@@ -298,6 +326,9 @@ def run(
             "artifact_over_ideal": weights / ideal,
             "artifact_over_dense_fp16": weights / dense_fp16_bytes,
         }
+        if recipe.export.format == "onnx":
+            report["size"]["onnx_bytes"] = onnx_bytes(tmp)
+            report["size"]["onnx_over_gptq"] = report["size"]["onnx_bytes"] / weights
         report["total_seconds"] = time.perf_counter() - started
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         from compressor.report import write_report

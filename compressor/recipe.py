@@ -343,8 +343,12 @@ class EvaluateSection(_Strict):
 
 
 class ExportSection(_Strict):
-    format: Literal["gptq", "dense"] = Field(
-        "gptq", description="`gptq` (GPTQ v1 safetensors; needs a quantize stage) or `dense` (fp16 safetensors, e.g. after pruning)."
+    format: Literal["gptq", "dense", "onnx"] = Field(
+        "gptq",
+        description="`gptq` (GPTQ v1 safetensors; needs a quantize stage), `dense` (fp16 safetensors, e.g. after "
+        "pruning) or `onnx` (an ONNX decoder with past key/values whose quantized linears are onnxruntime "
+        "`MatMulNBits` holding the GPTQ weights; needs a quantize stage with bits 2, 4 or 8; run it with "
+        "`compress generate`).",
     )
     max_shard_size: str = Field("2GB", description="Split safetensors into shards above this size.")
     overwrite: bool = Field(False, description="Replace an existing output directory (only after success).")
