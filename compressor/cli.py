@@ -374,6 +374,8 @@ def push(artifact: Path, repo_id: str, private: bool, revision: str | None, over
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 exposes the server to the network).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "onnx"]), show_default=True,
+              help="onnx: run an ONNX artifact (`compress export --format onnx`) with onnxruntime; auto picks it for one.")
 @click.option("--draft", default=None, metavar="DRAFT_ARTIFACT", help="A smaller model (same tokenizer) for speculative decoding of greedy requests.")
 @click.option("--num-speculative-tokens", default=4, show_default=True, type=click.IntRange(1, 16), help="Draft tokens proposed per step (k).")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1, 1024), help="Sequences decoding together.")
@@ -385,7 +387,7 @@ def push(artifact: Path, repo_id: str, private: bool, revision: str | None, over
 @click.option("--kv-cache-gb", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True), help="KV cache budget (served model and draft); caps the batch size.")
 @click.option("--served-model-name", default=None, help="The model name clients send [default: the artifact directory's name].")
 @click.option("--shutdown-timeout", default=60.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for in-flight requests.")
-def serve(artifact, host, port, device, draft, num_speculative_tokens, max_batch_size, max_model_len, max_prompt_tokens,
+def serve(artifact, host, port, device, backend, draft, num_speculative_tokens, max_batch_size, max_model_len, max_prompt_tokens,
           max_tokens_limit, max_queue, prefill_chunk, kv_cache_gb, served_model_name, shutdown_timeout) -> None:  # fmt: skip
     """Serve ARTIFACT (an artifact directory or any model source) with an OpenAI-compatible API.
 
@@ -399,7 +401,7 @@ def serve(artifact, host, port, device, draft, num_speculative_tokens, max_batch
     from compressor.serve import serve as run_server
 
     run_server(
-        artifact, host=host, port=port, device=device, draft=draft, served_model_name=served_model_name,
+        artifact, host=host, port=port, device=device, backend=backend, draft=draft, served_model_name=served_model_name,
         shutdown_timeout=shutdown_timeout, num_speculative_tokens=num_speculative_tokens, max_batch_size=max_batch_size,
         max_model_len=max_model_len, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_queue=max_queue,
         prefill_chunk=prefill_chunk, kv_cache_gb=kv_cache_gb,

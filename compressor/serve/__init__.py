@@ -23,16 +23,32 @@ __all__ = ["Engine", "EngineConfig", "load_for_serving", "serve"]
 log = logging.getLogger(__name__)
 
 
-def load_for_serving(path: str, device: str = "auto"):
-    """(model, tokenizer): a GPTQ artifact through compressor.runtime (its kernels), else any model source."""
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def load_for_serving(path: str, device: str = "auto", backend: str = "auto", key: str = "ARTIFACT"):
+    """(model, tokenizer): an ONNX artifact through onnxruntime (`backend` auto or onnx), a GPTQ
+    artifact through compressor.runtime (its kernels), else any model source (torch)."""
     from compressor import runtime
     from compressor.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+    from compressor.runtime import onnx as onnx_runtime
 
-    dev = resolve_device(device)
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r} is not allowed: {', '.join(BACKENDS)}")
     p = Path(path)
+    is_onnx = p.is_dir() and onnx_runtime.is_onnx_artifact(p)
+    if backend == "onnx" and not is_onnx:
+        raise UserError(f"{key} {path}: not an ONNX artifact (no model.onnx + onnx_config.json); the onnx backend runs "
+                        f"one made by `compress export {path} --format onnx --output DIR`")  # fmt: skip
+    if backend == "torch" and is_onnx:
+        raise UserError(f"{key} {path}: an ONNX artifact runs only on the onnx backend (--backend onnx or auto); "
+                        "serve the GPTQ artifact it was exported from for torch")  # fmt: skip
+    if is_onnx:  # onnxruntime picks its execution provider from the device (cuda: CUDAExecutionProvider)
+        return onnx_runtime.load(p, device=device), runtime.load_tokenizer(p)
+    dev = resolve_device(device)
     if p.is_dir() and runtime.is_gptq_artifact(p):
         return runtime.load(p, device=str(dev)), runtime.load_tokenizer(p)
-    source = resolve_source(path, key="ARTIFACT")
+    source = resolve_source(path, key=key)
     model = load_model(source, resolve_dtype("auto", dev)).to(dev).eval()
     model.requires_grad_(False)
     return model, load_tokenizer(source)
@@ -53,14 +69,16 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def build(artifact: str, device: str = "auto", draft: str | None = None, served_model_name: str | None = None,
-          shutdown_timeout: float | None = 60.0, **engine_options):  # fmt: skip
+          shutdown_timeout: float | None = 60.0, backend: str = "auto", **engine_options):  # fmt: skip
     """(app, engine): load the model (and draft), start the engine, wrap it in the FastAPI app."""
     from compressor.serve.api import create_app
+    from compressor.serve.onnx_backend import is_onnx_model
 
-    model, tokenizer = load_for_serving(artifact, device)
+    model, tokenizer = load_for_serving(artifact, device, backend)
     draft_model = None
-    if draft is not None:
-        draft_model, draft_tokenizer = load_for_serving(draft, device)
+    if draft is not None:  # the draft runs on the served model's backend
+        draft_backend = "onnx" if is_onnx_model(model) else "torch"
+        draft_model, draft_tokenizer = load_for_serving(draft, device, draft_backend, key="--draft")
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"--draft {draft}: its tokenizer differs from {artifact}'s; a draft must share the tokenizer")
     options = {k: v for k, v in engine_options.items() if v is not None}
@@ -73,12 +91,13 @@ def build(artifact: str, device: str = "auto", draft: str | None = None, served_
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", draft: str | None = None,
-          served_model_name: str | None = None, shutdown_timeout: float = 60.0, log_level: str = "info", **engine_options) -> None:  # fmt: skip
+          served_model_name: str | None = None, shutdown_timeout: float = 60.0, log_level: str = "info",
+          backend: str = "auto", **engine_options) -> None:  # fmt: skip
     """Serve until SIGINT/SIGTERM; SIGTERM stops admitting (503) and finishes in-flight requests first."""
     import uvicorn
 
     sock = _bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
-    app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, **engine_options)
+    app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, backend, **engine_options)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -91,8 +110,8 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=shutdown_timeout)
     cfg = engine.config
     log.info(
-        "serving %s on http://%s:%d (device %s, batch %d, max-model-len %d%s)", artifact, host, sock.getsockname()[1],
-        engine.device, engine.slots, cfg.max_model_len, f", draft {draft} k={engine.k}" if draft else "",
+        "serving %s on http://%s:%d (%s, batch %d, max-model-len %d%s)", artifact, host, sock.getsockname()[1],
+        engine.backend, engine.slots, cfg.max_model_len, f", draft {draft} k={engine.k}" if draft else "",
     )  # fmt: skip
     try:
         DrainingServer(config).run(sockets=[sock])

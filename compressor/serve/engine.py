@@ -38,6 +38,7 @@ import torch
 from compressor.errors import UserError
 from compressor.serve.kv_cache import SlotKVCache, attention_mask, kv_bytes_per_token
 from compressor.serve.metrics import ServeMetrics
+from compressor.serve.onnx_backend import OnnxModel, is_onnx_model, serving_config
 from compressor.serve.sampling import SamplingParams, make_generator, sample
 from compressor.serve.text import IncrementalDetokenizer, StopStringFilter
 
@@ -151,9 +152,22 @@ class _Model:
         return self.head(hidden[torch.arange(len(rows), device=hidden.device), last]).float()
 
 
+def _config(model):
+    """The transformers config, or the same fields read from an ONNX artifact."""
+    return serving_config(model) if is_onnx_model(model) else model.config
+
+
+def _serving_model(model, slots: int, capacity: int, dtype: torch.dtype, device):
+    """What the engine calls for `model`: onnxruntime with a numpy slot cache, or torch with SlotKVCache."""
+    if is_onnx_model(model):
+        return OnnxModel(model, slots, capacity)
+    return _Model(model, SlotKVCache(model.config, slots, capacity, dtype, device))
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+    model_eos = model.eos_token_ids() if is_onnx_model(model) else getattr(model.generation_config, "eos_token_id", None)
+    for value in (model_eos, tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)
         elif value:
@@ -164,22 +178,28 @@ def _eos_ids(model, tokenizer) -> set[int]:
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig, draft=None, metrics: ServeMetrics | None = None):
         self.tokenizer, self.config, self.metrics = tokenizer, config, metrics
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        onnx = is_onnx_model(model)
+        if draft is not None and is_onnx_model(draft) != onnx:
+            raise UserError("--draft: the draft must run on the same backend (torch or onnx) as the served model")
+        # onnxruntime hands back numpy arrays on the host: the engine samples on the CPU in float32
+        self.device = torch.device("cpu") if onnx else next(model.parameters()).device
+        self.dtype = torch.float32 if onnx else next(model.parameters()).dtype
+        self.backend = f"onnxruntime {model.session.get_providers()[0]}" if onnx else f"device {self.device}"
         for m in (model, draft):
-            if m is not None and m.config._attn_implementation not in ("sdpa", "eager"):
+            if m is not None and not onnx and m.config._attn_implementation not in ("sdpa", "eager"):
                 m.set_attn_implementation("sdpa")  # our 4-D masks are for sdpa/eager
-        context = getattr(model.config, "max_position_embeddings", None)
+        model_config, draft_config = _config(model), _config(draft) if draft is not None else None
+        context = getattr(model_config, "max_position_embeddings", None)
         if context and config.max_model_len > context:
             raise UserError(f"--max-model-len {config.max_model_len} exceeds the model's context of {context} tokens")
-        if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+        if draft is not None and draft_config.vocab_size != model_config.vocab_size:
             raise UserError(
-                f"--draft: vocabulary of {draft.config.vocab_size} tokens differs from the served model's "
-                f"{model.config.vocab_size}; the draft must share the tokenizer"
+                f"--draft: vocabulary of {draft_config.vocab_size} tokens differs from the served model's "
+                f"{model_config.vocab_size}; the draft must share the tokenizer"
             )
         self.k = config.num_speculative_tokens if draft is not None else 0
         capacity = config.max_model_len + self.k  # verification reads up to k positions past the last token
-        per_slot = capacity * sum(kv_bytes_per_token(m.config, self.dtype) for m in (model, draft) if m is not None)
+        per_slot = capacity * sum(kv_bytes_per_token(c, self.dtype) for c in (model_config, draft_config) if c is not None)
         slots = min(config.max_batch_size, int(config.kv_cache_gb * 2**30 // per_slot))
         if slots < 1:
             raise UserError(
@@ -190,8 +210,8 @@ class Engine:
             log.warning("KV cache budget %.2f GB fits %d sequences of %d tokens; batch size limited to %d",
                         config.kv_cache_gb, slots, capacity, slots)  # fmt: skip
         self.slots = slots
-        self.target = _Model(model, SlotKVCache(model.config, slots, capacity, self.dtype, self.device))
-        self.draft = _Model(draft, SlotKVCache(draft.config, slots, capacity, self.dtype, self.device)) if draft is not None else None
+        self.target = _serving_model(model, slots, capacity, self.dtype, self.device)
+        self.draft = _serving_model(draft, slots, capacity, self.dtype, self.device) if draft is not None else None
         self.eos = _eos_ids(model, tokenizer)
         self.max_prompt_tokens = config.max_prompt_tokens or config.max_model_len - 1
         self.max_tokens = config.max_tokens or config.max_model_len - 1
@@ -503,7 +523,7 @@ class Engine:
 
 
 def default_max_model_len(model, cap: int = 2048) -> int:
-    context = getattr(model.config, "max_position_embeddings", None) or cap
+    context = getattr(_config(model), "max_position_embeddings", None) or cap
     return int(min(context, cap))
 
 
