@@ -82,11 +82,13 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     config = _read_json(artifact_dir / "config.json")
     report = _read_json(artifact_dir / "report.json")
     source = (report.get("model") or {}).get("source")
-    qc = config.get("quantization_config") or {}
+    onnx_config = _read_json(artifact_dir / "onnx_config.json") if (artifact_dir / "onnx_config.json").is_file() else None
+    # an ONNX artifact's config.json drops quantization_config; onnx_config.json keeps the source's
+    qc = config.get("quantization_config") or ((onnx_config or {}).get("quantization_config") or {})
     gptq = qc.get("quant_method") == "gptq"
     sparsity = config.get("compressor_sparsity")
 
-    tags = ["compressor"]
+    tags = ["compressor"] + (["onnx", "MatMulNBits"] if onnx_config else [])
     if gptq:
         tags += ["gptq", f"{qc.get('bits', 4)}-bit", "quantized"]
     if sparsity:
@@ -95,7 +97,7 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     base = base_model(source)
     if base:
         meta["base_model"] = base
-    meta["library_name"] = "transformers"
+    meta["library_name"] = "onnx" if onnx_config else "transformers"
     lic = _license(config, source)
     if lic:
         meta["license"] = lic
@@ -140,24 +142,41 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
             lines += ["", f"The weights are {size['artifact_over_dense_fp16']:.3f}x the size of the dense fp16 model."]
         lines.append("")
 
-    lines += ["## Usage", "", "### transformers", ""]
-    if gptq:
-        lines += ["Needs a GPTQ backend: `pip install gptqmodel optimum`.", ""]
-    lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
-              'ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids.to(model.device)',
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))", "```", "",
-              "### vLLM", "", "```bash", f"vllm serve {repo_id}", "```", "",
-              "### compressor", "", "```python", "from huggingface_hub import snapshot_download", "",
-              f'path = snapshot_download("{repo_id}")']  # fmt: skip
-    if gptq:
-        lines += ["from compressor import runtime", "",
-                  "model = runtime.load(path)  # checks manifest.json, CPU or CUDA kernels",
-                  "tokenizer = runtime.load_tokenizer(path)"]  # fmt: skip
-    lines += ["```", "", "```bash", f'compress generate "$(huggingface-cli download {repo_id})" "def fibonacci(n):"',
-              f'compress eval "$(huggingface-cli download {repo_id})"', "```", "",
-              "`manifest.json` lists the sha256 of every file; `report.json` holds the full measurements.", ""]  # fmt: skip
+    name = repo_id.split("/", 1)[1]
+    serve_lines = ["### compress serve (OpenAI-compatible API)", "", "```bash",
+                   f'compress serve "$(huggingface-cli download {repo_id})" --served-model-name {name}', "```", "",
+                   "```python", "from openai import OpenAI", "",
+                   'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")',
+                   f'print(client.completions.create(model="{name}", prompt="def fibonacci(n):", max_tokens=64).choices[0].text)',
+                   "```", ""]  # fmt: skip
+    download = ["from huggingface_hub import snapshot_download", "", f'path = snapshot_download("{repo_id}")']
+    lines += ["## Usage", ""]
+    if onnx_config:
+        lines += ["An ONNX decoder (past key/values in and out) whose quantized linears are onnxruntime "
+                  "`com.microsoft` `MatMulNBits` nodes; needs onnxruntime >= 1.23.", "",
+                  "### onnxruntime (through compressor)", "", "```python", *download,
+                  "from compressor.runtime import onnx as onnx_runtime", "",
+                  "model = onnx_runtime.load(path)  # checks manifest.json; CPU EP, or device=\"cuda\" with onnxruntime-gpu",
+                  "```", "", "```bash", f'compress generate "$(huggingface-cli download {repo_id})" "def fibonacci(n):"', "```", "",
+                  *serve_lines]  # fmt: skip
+    else:
+        lines += ["### transformers", ""]
+        if gptq:
+            lines += ["Needs a GPTQ backend: `pip install gptqmodel optimum`.", ""]
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+                  'ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids.to(model.device)',
+                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))", "```", "",
+                  "### vLLM", "", "```bash", f"vllm serve {repo_id}", "```", "",
+                  *serve_lines, "### compressor", "", "```python", *download]  # fmt: skip
+        if gptq:
+            lines += ["from compressor import runtime", "",
+                      "model = runtime.load(path)  # checks manifest.json, CPU or CUDA kernels",
+                      "tokenizer = runtime.load_tokenizer(path)"]  # fmt: skip
+        lines += ["```", "", "```bash", f'compress generate "$(huggingface-cli download {repo_id})" "def fibonacci(n):"',
+                  f'compress eval "$(huggingface-cli download {repo_id})"', "```", ""]  # fmt: skip
+    lines += ["`manifest.json` lists the sha256 of every file; `report.json` holds the full measurements.", ""]
     return "\n".join(lines)
 
 

@@ -99,6 +99,20 @@ def test_card_front_matter_and_metrics(gptq_artifact):
     assert "```yaml\n" + (gptq_artifact / "recipe.yaml").read_text().rstrip() + "\n```" in card
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}"' in card and "gptqmodel" in card
     assert f"vllm serve {REPO}" in card and "runtime.load(" in card and "compress generate" in card
+    assert "compress serve" in card and 'base_url="http://127.0.0.1:8000/v1"' in card
+
+
+def test_card_for_onnx_artifact(gptq_artifact, tmp_path):
+    from compressor.export.onnx import export_onnx
+
+    onnx_dir = export_onnx(gptq_artifact, tmp_path / "onnx", progress=False)
+    card = hub.model_card(onnx_dir, REPO)
+    meta = _front_matter(card)
+    assert meta["library_name"] == "onnx"
+    assert {"onnx", "MatMulNBits", "gptq", "4-bit", "compressor"} <= set(meta["tags"])
+    assert "onnx_runtime.load(path)" in card and "compress serve" in card and "compress generate" in card
+    assert "AutoModelForCausalLM" not in card and "vllm serve" not in card  # neither loads an ONNX directory
+    assert {"model.onnx", "onnx_config.json", "manifest.json", "README.md"} <= {path for path, _ in hub.plan_upload(onnx_dir, REPO)}
 
 
 def test_card_base_model_and_license(artifact_copy):
