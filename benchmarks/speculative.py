@@ -19,6 +19,7 @@ import copy
 import json
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,12 +49,27 @@ def keep_layers(model, n: int):
 
 
 def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
-    outputs = []
-    started = time.perf_counter()
-    for ids in prompts:
-        tokens, _, _ = engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-        outputs.append(tokens)
-    return outputs, time.perf_counter() - started
+    """Serve `prompts` one after another; the engine runs on this (main) thread as under `compress
+    serve` (see Engine.run), a client thread submits and waits."""
+    outputs, times = [], []
+
+    def client() -> None:
+        try:
+            started = time.perf_counter()
+            for ids in prompts:
+                tokens, _, _ = engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+                outputs.append(tokens)
+            times.append(time.perf_counter() - started)
+        finally:
+            engine.shutdown()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run()
+    thread.join()
+    if len(outputs) != len(prompts):
+        raise SystemExit("a request failed; see the log above")
+    return outputs, times[0]
 
 
 def main() -> None:
@@ -81,23 +97,22 @@ def main() -> None:
     max_len = max(len(p) for p in prompts) + args.max_tokens + 1
     warm = prompts[:1]
 
-    plain = Engine(target, tokenizer, EngineConfig(max_model_len=max_len, max_batch_size=1)).start()
-    run(plain, warm, 8)
-    reference, plain_s = run(plain, prompts, args.max_tokens)
-    plain.shutdown()
+    def engine(**options) -> Engine:
+        return Engine(target, tokenizer, EngineConfig(max_model_len=max_len, max_batch_size=1, **options), draft=draft if "num_speculative_tokens" in options else None)
+
+    run(engine(), warm, 8)  # warm-up
+    reference, plain_s = run(engine(), prompts, args.max_tokens)
     generated = sum(len(t) for t in reference)
     rows = []
     for k in ks:
-        engine = Engine(target, tokenizer, EngineConfig(max_model_len=max_len, max_batch_size=1, num_speculative_tokens=k), draft=draft).start()
-        run(engine, warm, 8)
-        engine.spec_proposed = engine.spec_accepted = 0
-        outputs, spec_s = run(engine, prompts, args.max_tokens)
-        engine.shutdown()
+        run(engine(num_speculative_tokens=k), warm, 8)  # warm-up
+        spec = engine(num_speculative_tokens=k)
+        outputs, spec_s = run(spec, prompts, args.max_tokens)
         rows.append({
             "k": k,
-            "acceptance_rate": engine.spec_accepted / max(engine.spec_proposed, 1),
-            "proposed": engine.spec_proposed,
-            "accepted": engine.spec_accepted,
+            "acceptance_rate": spec.spec_accepted / max(spec.spec_proposed, 1),
+            "proposed": spec.spec_proposed,
+            "accepted": spec.spec_accepted,
             "tokens_per_s": generated / spec_s,
             "speedup": plain_s / spec_s,
             "identical_outputs": sum(a == b for a, b in zip(outputs, reference)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 from pathlib import Path
 
 from compressor.errors import UserError
@@ -69,8 +70,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def build(artifact: str, device: str = "auto", draft: str | None = None, served_model_name: str | None = None,
-          shutdown_timeout: float | None = 60.0, backend: str = "auto", **engine_options):  # fmt: skip
-    """(app, engine): load the model (and draft), start the engine, wrap it in the FastAPI app."""
+          shutdown_timeout: float | None = 60.0, backend: str = "auto", start_engine: bool = True, **engine_options):  # fmt: skip
+    """(app, engine): load the model (and draft), start the engine (unless told not to), wrap it in the FastAPI app."""
     from compressor.serve.api import create_app
     from compressor.serve.onnx_backend import is_onnx_model
 
@@ -84,7 +85,9 @@ def build(artifact: str, device: str = "auto", draft: str | None = None, served_
     options = {k: v for k, v in engine_options.items() if v is not None}
     options.setdefault("max_model_len", default_max_model_len(model))
     metrics = ServeMetrics()
-    engine = Engine(model, tokenizer, EngineConfig(**options), draft=draft_model, metrics=metrics).start()
+    engine = Engine(model, tokenizer, EngineConfig(**options), draft=draft_model, metrics=metrics)
+    if start_engine:
+        engine.start()
     name = served_model_name or Path(artifact.rstrip("/")).name or artifact
     app = create_app(engine, tokenizer, name, metrics, aliases=(artifact,), shutdown_timeout=shutdown_timeout)
     return app, engine
@@ -97,15 +100,12 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str 
     import uvicorn
 
     sock = _bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
-    app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, backend, **engine_options)
+    app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, backend, start_engine=False, **engine_options)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
             engine.drain()  # requests on open connections now get 503; in-flight ones continue
             super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM and sig in getattr(self, "_captured_signals", []):
-                # uvicorn re-raises the signal after its graceful shutdown; a drained SIGTERM is a clean exit (0)
-                self._captured_signals.remove(sig)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=shutdown_timeout)
     cfg = engine.config
@@ -113,8 +113,24 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str 
         "serving %s on http://%s:%d (%s, batch %d, max-model-len %d%s)", artifact, host, sock.getsockname()[1],
         engine.backend, engine.slots, cfg.max_model_len, f", draft {draft} k={engine.k}" if draft else "",
     )  # fmt: skip
+    # The engine runs on this (main) thread, the one that loaded the model (see Engine.run), and
+    # uvicorn on a second thread. uvicorn installs no signal handlers off the main thread, so
+    # SIGINT/SIGTERM land here: stop admitting, let uvicorn finish open requests (up to
+    # --shutdown-timeout), after which the app's lifespan shuts the engine down and run() returns.
+    server = DrainingServer(config)
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.shutdown(0)  # uvicorn is done (or failed to start): end the engine loop
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: server.handle_exit(signum, frame))
+    web = threading.Thread(target=http, name="compressor-http", daemon=True)
+    web.start()
     try:
-        DrainingServer(config).run(sockets=[sock])
+        engine.run()
+        web.join()
     finally:
-        engine.shutdown(0)
         sock.close()

@@ -224,6 +224,8 @@ class Engine:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._started = False
+        self._finished = threading.Event()  # set when the loop has returned
         self.spec_proposed = 0
         self.spec_accepted = 0
         self.steps = 0
@@ -232,9 +234,21 @@ class Engine:
 
     # ------------------------------------------------------------------ the caller's side (any thread)
     def start(self) -> Engine:
+        """Run the loop on a background thread (tests, benchmarks, embedding in another program)."""
+        self._started = True
         self._thread = threading.Thread(target=self._loop, name="compressor-engine", daemon=True)
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until `shutdown` (from another thread) ends it.
+
+        `compress serve` runs the engine on the main thread, the one that loaded the model: with
+        torch's OpenMP backend, parallel CPU ops on a second thread, once the main thread has
+        used its own thread team, ran ~1.7x slower here (two teams competing for the cores).
+        """
+        self._started = True
+        self._loop()
 
     @property
     def running(self) -> int:
@@ -300,14 +314,15 @@ class Engine:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        if self._thread is None:
+        if not self._started:
             return
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._finished.wait(timeout):
             with self._cond:
                 for seq in [*self._waiting, *self._running]:
                     seq.cancelled = True
                 self._cond.notify()
+            self._finished.wait()
+        if self._thread is not None:
             self._thread.join()
 
     def generate(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
@@ -333,6 +348,12 @@ class Engine:
             self.metrics.running.set(len(self._running))
 
     def _loop(self) -> None:
+        try:
+            self._serve_requests()
+        finally:
+            self._finished.set()
+
+    def _serve_requests(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
