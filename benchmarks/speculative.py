@@ -102,6 +102,9 @@ def main() -> None:
 
     run(engine(), warm, 8)  # warm-up
     reference, plain_s = run(engine(), prompts, args.max_tokens)
+    # the draft alone as the served model: how much one draft step costs against a target step
+    draft_alone = Engine(draft, tokenizer, EngineConfig(max_model_len=max_len, max_batch_size=1))
+    _, draft_s = run(draft_alone, prompts, args.max_tokens)
     generated = sum(len(t) for t in reference)
     rows = []
     for k in ks:
@@ -124,12 +127,15 @@ def main() -> None:
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "baseline_tokens_per_s": generated / plain_s,
+        "draft_alone_tokens_per_s": generated / draft_s,
+        "draft_step_cost_vs_target": draft_s / plain_s,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "runs": rows,
     }
     print(f"target {args.target}\ndraft {draft_name}\n{len(prompts)} prompts x {args.max_tokens} tokens, temperature 0, batch 1")
-    print(f"without draft: {result['baseline_tokens_per_s']:.1f} tokens/s\n")
+    print(f"without draft: {result['baseline_tokens_per_s']:.1f} tokens/s; the draft alone: {result['draft_alone_tokens_per_s']:.1f} "
+          f"tokens/s (a draft step costs {result['draft_step_cost_vs_target']:.2f}x a target step)\n")
     print("| k | acceptance rate | tokens/s | speed-up | identical outputs |")
     print("|---|---|---|---|---|")
     for r in rows:
