@@ -161,7 +161,9 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     stages = ", ".join(f"{kind}({getattr(opts, 'method', opts.loss if kind == 'distill' else '')})" for kind, opts in r.stage_list())
     click.echo(
         f"{recipe}: ok: model {checked['source'].label} ({checked['config'].model_type}), "
-        f"stages [{stages}], {checked['quantized_linears']} linears to compress, output {r.output}"
+        f"stages [{stages}], {checked['quantized_linears']} linears to compress"
+        f"{' (counted before structured pruning)' if any(k == 'prune' and o.method == 'structured' for k, o in r.stage_list()) else ''}, "
+        f"output {r.output}"
     )
 
 
