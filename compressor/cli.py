@@ -167,17 +167,15 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     )
 
 
-def _load_any(model_or_artifact: str, device: str, onnx: bool = False):
-    """(model, tokenizer) from an artifact directory or any model source; with `onnx`, an ONNX
-    artifact gives an `OnnxCausalLM` (onnxruntime session) instead of a torch model."""
+def _load_any(model_or_artifact: str, device: str):
+    """(model, tokenizer) from an artifact directory or any model source; an ONNX artifact gives
+    an `OnnxCausalLM` (onnxruntime session) instead of a torch model."""
     from compressor import runtime
     from compressor.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
     from compressor.runtime import onnx as onnx_runtime
 
     path = Path(model_or_artifact)
     if path.is_dir() and onnx_runtime.is_onnx_artifact(path):
-        if not onnx:
-            raise UserError(f"{path}: an ONNX artifact runs only with `compress generate`; use the GPTQ artifact it was exported from")
         return onnx_runtime.load(path, device=device), runtime.load_tokenizer(path)
     dev = resolve_device(device)
     if path.is_dir() and runtime.is_gptq_artifact(path):
@@ -199,7 +197,7 @@ def _load_any(model_or_artifact: str, device: str, onnx: bool = False):
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_windows, device, as_json) -> None:
-    """Perplexity of MODEL_OR_ARTIFACT (an artifact directory or any model source).
+    """Perplexity of MODEL_OR_ARTIFACT (a GPTQ or ONNX artifact directory, or any model source).
 
     Protocol: the evaluation text is tokenized once and cut into non-overlapping windows of
     --seq-len tokens; ppl = exp(mean NLL of every next-token prediction inside the windows).
@@ -209,7 +207,7 @@ def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_
     from compressor.recipe import EvaluationData
 
     spec = EvaluationData(source=source, config=config, split=split, text_field=text_field, seq_len=seq_len, max_windows=max_windows)
-    model, tokenizer = _load_any(model_or_artifact, device)
+    model, tokenizer = _load_any(model_or_artifact, device)  # an ONNX artifact is scored by onnxruntime
     result = perplexity(model, evaluation_tokens(tokenizer, spec), spec.seq_len, 1, spec.max_windows)
     if as_json:
         click.echo(json.dumps({"model": model_or_artifact, "data": source, **result.to_dict()}))
@@ -237,7 +235,7 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
 
     from compressor.runtime.onnx import OnnxCausalLM
 
-    model, tokenizer = _load_any(model_or_artifact, device, onnx=True)
+    model, tokenizer = _load_any(model_or_artifact, device)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"{model_or_artifact}: the tokenizer has no chat template; drop --chat")

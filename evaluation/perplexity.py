@@ -47,8 +47,14 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> PerplexityResult:
-    """Score `token_ids` ([T] int64) with `model` by the protocol in the module docstring."""
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    """Score `token_ids` ([T] int64) with `model` by the protocol in the module docstring.
+
+    `model` is a transformers causal LM, or anything called as `model(input_ids=...)` that returns
+    `.logits` (compressor.runtime.onnx.OnnxCausalLM: the ONNX artifact scored by onnxruntime).
+    """
+    config = getattr(model, "config", None)
+    max_pos = getattr(model, "max_position_embeddings", None) if not isinstance(model, torch.nn.Module) else None
+    max_pos = max_pos or getattr(config, "max_position_embeddings", None)
     seq_len = min(seq_len, max_pos) if max_pos else seq_len
     token_ids = token_ids.reshape(-1)
     n_windows = token_ids.numel() // seq_len
@@ -61,7 +67,7 @@ def perplexity(
         n_windows = min(n_windows, max_windows)
     windows = token_ids[: n_windows * seq_len].view(n_windows, seq_len)
 
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     total_nll = 0.0
     with torch.inference_mode(), tqdm(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:
         for batch in windows.split(batch_size):

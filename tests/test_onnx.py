@@ -274,7 +274,11 @@ def test_cli_export_and_generate(artifacts, tmp_path):
     assert_user_error(invoke("export", out, "--format", "onnx", "--output", tmp_path / "x"), "not a GPTQ artifact")
     assert_user_error(invoke("export", gptq, "--format", "onnx", "--output", tmp_path / "y", "--accuracy-level", "2"),
                       "--accuracy-level")  # fmt: skip
-    assert_user_error(invoke("eval", out), "ONNX artifact runs only with `compress generate`")
+    scored = [invoke("eval", d, "--seq-len", "64", "--max-windows", "2", "--json") for d in (out, gptq)]
+    assert all(r.exit_code == 0 for r in scored), [r.output for r in scored]
+    onnx_ppl, torch_ppl = (json.loads(r.stdout.strip().splitlines()[-1]) for r in scored)
+    assert onnx_ppl["tokens"] == torch_ppl["tokens"] == 2 * 63
+    assert abs(onnx_ppl["perplexity"] - torch_ppl["perplexity"]) <= 1e-4 * torch_ppl["perplexity"]
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -51,6 +51,11 @@ def _providers(device: str) -> list[str]:
     raise UserError(f"device: {device!r} is not allowed: auto, cpu or cuda")
 
 
+@dataclass
+class _Scored:
+    logits: object  # torch.Tensor [B, S, vocab]
+
+
 class OnnxCausalLM:
     def __init__(self, path, device: str = "cpu", threads: int | None = None, verify: bool = True):
         ort = require("onnxruntime", "running an ONNX artifact")
@@ -109,6 +114,17 @@ class OnnxCausalLM:
     def logits(self, input_ids) -> np.ndarray:
         """float32 [B, S, vocab] for whole sequences (no cache)."""
         return self.forward(input_ids).logits
+
+    def __call__(self, input_ids, **_ignored):
+        """transformers-style scoring call (what `evaluation.perplexity` makes): `.logits` as a torch tensor."""
+        import torch
+
+        ids = input_ids.cpu().numpy() if hasattr(input_ids, "cpu") else input_ids
+        return _Scored(torch.from_numpy(self.logits(ids)))
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        return self.config.get("max_position_embeddings")
 
     def eos_token_ids(self) -> set[int]:
         eos = self.generation_config.get("eos_token_id", self.config.get("eos_token_id"))
