@@ -103,6 +103,11 @@ def linear(
         raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"x has {x.shape[-1]} features; the layer takes {packed.in_features}")
+    # The kernels dereference every pointer on x's GPU: a weight or bias elsewhere (or a short bias) is an illegal access.
+    if x.device.type != "cuda" or packed.device != x.device:
+        raise ValueError(f"x ({x.device}) and the packed weight ({packed.device}) must be on the same CUDA device")
+    if bias is not None and (bias.device != x.device or bias.numel() != packed.out_features):
+        raise ValueError(f"bias must have {packed.out_features} elements on {x.device}, got {bias.numel()} on {bias.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.in_features)
     m, n, k = x2.shape[0], packed.out_features, packed.in_features
