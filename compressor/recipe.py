@@ -348,7 +348,7 @@ class ExportSection(_Strict):
         description="`gptq` (GPTQ v1 safetensors; needs a quantize stage), `dense` (fp16 safetensors, e.g. after "
         "pruning) or `onnx` (an ONNX decoder with past key/values whose quantized linears are onnxruntime "
         "`MatMulNBits` holding the GPTQ weights; needs a quantize stage with bits 2, 4 or 8; run it with "
-        "`compress generate`).",
+        "`compress generate`, `compress eval` or `compress serve`).",
     )
     max_shard_size: str = Field("2GB", description="Split safetensors into shards above this size.")
     overwrite: bool = Field(False, description="Replace an existing output directory (only after success).")
