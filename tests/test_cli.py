@@ -15,28 +15,13 @@ import sys
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
 from compressor import runtime
-from compressor.cli import main
 from compressor.export.artifact import verify_manifest
 from compressor.recipe import load_recipe
+from conftest import assert_user_error, invoke
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> str:
-    """Exit 2 with exactly one line on stderr, 'error: ...', naming every fragment."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert isinstance(result.exception, SystemExit)
-    err = result.stderr
-    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 def write_recipe(path, model_dir, output, **quantize) -> None:

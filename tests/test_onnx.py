@@ -17,11 +17,9 @@ import onnx
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
 from compressor import runtime
 from compressor.algorithms.quant import rtn_quantize
-from compressor.cli import main
 from compressor.errors import RecipeError, UserError
 from compressor.export.artifact import verify_manifest
 from compressor.export.onnx import dequantize_nbits, export_onnx, gptq_to_nbits
@@ -30,22 +28,13 @@ from compressor.pipeline import run, validate
 from compressor.recipe import load_recipe
 from compressor.runtime import dequantize_gptq_v1
 from compressor.runtime import onnx as onnx_runtime
+from conftest import assert_user_error, invoke
 
 TINY_ATOL = 1e-5
 SMOLLM2_ATOL = 5e-4
 PROMPTS = ("def fibonacci(n):", "The capital of France is")
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 def write_recipe(path, model_dir, output, export="gptq", **quantize):

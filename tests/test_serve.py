@@ -26,14 +26,12 @@ import uvicorn
 from click.testing import CliRunner
 
 from compressor import runtime
-from compressor.algorithms.quant import rtn_quantize
 from compressor.cli import main
-from compressor.export.gptq import gptq_quantization_config, write_gptq_checkpoint
 from compressor.serve import build
 from compressor.serve.api import create_app
 from compressor.serve.engine import Engine, EngineConfig
 from compressor.serve.metrics import ServeMetrics
-from conftest import make_tiny_llama
+from conftest import write_tiny_gptq_artifact
 
 NAME = "tiny-gptq"
 
@@ -67,16 +65,7 @@ class ServerThread:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, smollm2_tokenizer):
     """A 4-bit GPTQ artifact of a tiny random Llama (RTN-quantized: export and load are what matter here)."""
-    model = make_tiny_llama(initializer_range=0.3)
-    quantized = {}
-    for name, linear in model.named_modules():
-        if isinstance(linear, torch.nn.Linear) and ".layers." in name:
-            quantized[name] = rtn_quantize(linear.weight, 4, 32, True)
-            linear.weight.data = quantized[name].dequantize()
-    out = tmp_path_factory.mktemp("serve") / NAME
-    out.mkdir()
-    write_gptq_checkpoint(out, model, quantized, gptq_quantization_config(4, 32, True, False, False, 0.01, True), tokenizer=smollm2_tokenizer)
-    return out
+    return write_tiny_gptq_artifact(tmp_path_factory.mktemp("serve") / NAME, smollm2_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,21 @@ are not its own, masked key by key), with chunked prefill and with an ONNX draft
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import openai
 import pytest
 import torch
-from click.testing import CliRunner
 
 from compressor import runtime
-from compressor.algorithms.quant import rtn_quantize
-from compressor.cli import main
-from compressor.export.gptq import gptq_quantization_config, write_gptq_checkpoint
 from compressor.export.onnx import export_onnx
 from compressor.runtime import onnx as onnx_runtime
 from compressor.serve import build, load_for_serving
 from compressor.serve.engine import Engine, EngineConfig
 from compressor.serve.onnx_backend import OnnxModel
 from compressor.serve.sampling import SamplingParams
-from conftest import make_tiny_llama
+from conftest import assert_user_error, invoke, write_tiny_gptq_artifact
 from test_serve import ServerThread
+from test_serve_engine import run_concurrently
 
 NAME = "tiny-onnx"
 PROMPTS = ["def fibonacci(n):", "The capital of France is", "Once upon a time there was a", "import numpy as np\n", "1, 2, 3,", "Hello"]
@@ -36,16 +32,8 @@ PROMPTS = ["def fibonacci(n):", "The capital of France is", "Once upon a time th
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, smollm2_tokenizer):
     """(GPTQ artifact, its ONNX export) of a tiny random Llama, RTN-quantized to 4 bits."""
-    model = make_tiny_llama(initializer_range=0.3)
-    quantized = {}
-    for name, linear in model.named_modules():
-        if isinstance(linear, torch.nn.Linear) and ".layers." in name:
-            quantized[name] = rtn_quantize(linear.weight, 4, 32, True)
-            linear.weight.data = quantized[name].dequantize()
     root = tmp_path_factory.mktemp("serve-onnx")
-    gptq = root / "tiny-gptq"
-    gptq.mkdir()
-    write_gptq_checkpoint(gptq, model, quantized, gptq_quantization_config(4, 32, True, False, False, 0.01, True), tokenizer=smollm2_tokenizer)
+    gptq = write_tiny_gptq_artifact(root / "tiny-gptq", smollm2_tokenizer)
     return gptq, export_onnx(gptq, root / NAME, progress=False)
 
 
@@ -112,20 +100,6 @@ def test_streaming(served, reference):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
-def run_concurrently(engine, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
-    results = [None] * len(prompts)
-
-    def one(i):
-        results[i] = engine.generate(prompts[i], SamplingParams(max_tokens=max_tokens[i], temperature=0))[0]
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
-
-
 @pytest.mark.parametrize("draft", [False, True], ids=["plain", "draft"])
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_chunked_prefill_and_draft(artifacts, reference, backend, draft):
@@ -138,7 +112,8 @@ def test_chunked_prefill_and_draft(artifacts, reference, backend, draft):
     try:
         prompts = [tokenizer(p).input_ids for p in PROMPTS[:5]]
         max_tokens = [5, 12, 8, 3, 10]
-        results = run_concurrently(engine, prompts, max_tokens)
+        requests = [(ids, SamplingParams(max_tokens=n, temperature=0)) for ids, n in zip(prompts, max_tokens)]
+        results = [tokens for tokens, _, _ in run_concurrently(engine, requests)]
     finally:
         engine.shutdown(10)
     assert all(len(r) == n for r, n in zip(results, max_tokens))  # random weights: no early eos here
@@ -148,19 +123,13 @@ def test_chunked_prefill_and_draft(artifacts, reference, backend, draft):
         assert engine.spec_proposed > 0 and engine.spec_accepted == engine.spec_proposed
 
 
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 def test_backend_errors(artifacts):
     gptq, onnx_dir = artifacts
 
     def serve(*args):
-        return CliRunner().invoke(main, ["serve", *map(str, args), "--port", "0", "--device", "cpu"])
+        return invoke("serve", *args, "--port", "0", "--device", "cpu")
 
     assert_user_error(serve(gptq, "--backend", "onnx"), str(gptq), "not an ONNX artifact", f"compress export {gptq} --format onnx --output DIR")
     assert_user_error(serve(onnx_dir, "--backend", "torch"), str(onnx_dir), "an ONNX artifact runs only on the onnx backend")
