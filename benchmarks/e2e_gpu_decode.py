@@ -17,12 +17,12 @@ model as small as SmolLM2-135M it is bound by kernel-launch and Python overhead,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from compressor.export.artifact import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,9 +113,7 @@ def main(argv=None) -> None:
         print(f"| {mode} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base:.2f}x | {r['peak_mib']:.0f} | {same} |")
     if args.json:
         payload = {"device": torch.cuda.get_device_name(), "artifact": str(args.artifact), "new_tokens": args.new_tokens, "results": results}
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, args.json)
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ Needs a CUDA GPU (compute capability >= 8.0) and nvcc (the kernels build on firs
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 from pathlib import Path
+from compressor.export.artifact import write_json
 
 SHAPES = {  # name: (K, N)
     "llama 4096x4096 (q/o)": (4096, 4096),
@@ -170,9 +169,7 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
     if args.json:
         result = {"device": props.name, "torch": torch.__version__, "config": config, "copy_tbs": copy_tbs, "rows": rows}
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.json)
+        write_json(args.json, result)
         print(f"\nwrote {args.json}")
 
 

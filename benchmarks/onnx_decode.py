@@ -13,7 +13,6 @@ engine runs the same loop: one prompt pass, then one cached pass per new token. 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from compressor.export.artifact import write_json
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
@@ -160,7 +160,7 @@ def main() -> None:
         "onnx_bytes": {str(k): v for k, v in sizes.items()},
         "results": [{k: v for k, v in r.items() if k != "tokens"} for r in results],
     }
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(f"wrote {args.json}", file=sys.stderr)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from compressor.export.artifact import write_json
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -233,10 +233,7 @@ def main() -> None:
     if "speedup" in result:
         print(f"\ncontinuous batching / one at a time: {result['speedup']:.2f}x aggregate tokens/s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.json)
+        write_json(args.json, result)
     if any(r["errors"] for _, r in rows):
         sys.exit(1)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import threading
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import PROMPTS
 
+from compressor.export.artifact import write_json
 from compressor.serve import load_for_serving
 from compressor.serve.engine import Engine, EngineConfig
 from compressor.serve.sampling import SamplingParams
@@ -141,10 +141,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['k']} | {r['acceptance_rate']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['identical_outputs']}/{len(prompts)} |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.json)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from compressor.export.artifact import write_json
 from compressor.errors import UserError
 from compressor.pipeline import run
 from compressor.recipe import load_recipe
@@ -56,10 +57,7 @@ def sweep(
             "stage_seconds": [s["measurement"]["seconds"] for s in result.report["stages"]],
         })  # fmt: skip
     summary = {"recipe": str(recipe_file), "key": key, "overrides": list(overrides), "dense": dense, "points": points}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "sweep.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "sweep.json")
+    write_json(out / "sweep.json", summary)
     plot_sweep(summary, out / "sweep.png")
     return summary
 

@@ -30,6 +30,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_json(path, data, **dumps_options) -> Path:
+    """Write `data` as JSON to `path` through a temporary sibling and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, **dumps_options) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_manifest(directory: Path) -> Path:
     """Write `manifest.json` listing every other file under `directory` (sha256 and size)."""
     directory = Path(directory)
