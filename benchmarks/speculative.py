@@ -123,7 +123,7 @@ def main() -> None:
     result = {
         "target": args.target,
         "draft": draft_name,
-        "device": str(next(target.parameters()).device),
+        "backend": spec.backend,  # onnxruntime provider or torch device
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "baseline_tokens_per_s": generated / plain_s,

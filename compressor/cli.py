@@ -167,24 +167,6 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     )
 
 
-def _load_any(model_or_artifact: str, device: str):
-    """(model, tokenizer) from an artifact directory or any model source; an ONNX artifact gives
-    an `OnnxCausalLM` (onnxruntime session) instead of a torch model."""
-    from compressor import runtime
-    from compressor.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
-    from compressor.runtime import onnx as onnx_runtime
-
-    path = Path(model_or_artifact)
-    if path.is_dir() and onnx_runtime.is_onnx_artifact(path):
-        return onnx_runtime.load(path, device=device), runtime.load_tokenizer(path)
-    dev = resolve_device(device)
-    if path.is_dir() and runtime.is_gptq_artifact(path):
-        return runtime.load(path, device=str(dev)), runtime.load_tokenizer(path)
-    source = resolve_source(model_or_artifact, key="MODEL")
-    model = load_model(source, resolve_dtype("auto", dev)).to(dev)
-    return model, load_tokenizer(source)
-
-
 @main.command(name="eval")
 @click.argument("model_or_artifact")
 @click.option("--data", "source", default="python-docs", show_default=True,
@@ -207,7 +189,9 @@ def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_
     from compressor.recipe import EvaluationData
 
     spec = EvaluationData(source=source, config=config, split=split, text_field=text_field, seq_len=seq_len, max_windows=max_windows)
-    model, tokenizer = _load_any(model_or_artifact, device)  # an ONNX artifact is scored by onnxruntime
+    from compressor.models import load_any
+
+    model, tokenizer = load_any(model_or_artifact, device)  # an ONNX artifact is scored by onnxruntime
     result = perplexity(model, evaluation_tokens(tokenizer, spec), spec.seq_len, 1, spec.max_windows)
     if as_json:
         click.echo(json.dumps({"model": model_or_artifact, "data": source, **result.to_dict()}))
@@ -235,7 +219,9 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
 
     from compressor.runtime.onnx import OnnxCausalLM
 
-    model, tokenizer = _load_any(model_or_artifact, device)
+    from compressor.models import load_any
+
+    model, tokenizer = load_any(model_or_artifact, device)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"{model_or_artifact}: the tokenizer has no chat template; drop --chat")

@@ -151,3 +151,21 @@ def load_model(source: ResolvedSource, dtype: torch.dtype, revision: str | None 
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_any(model_or_artifact: str, device: str = "auto", key: str = "MODEL"):
+    """(model, tokenizer) for the commands that run a model: an ONNX artifact gives an
+    `OnnxCausalLM` (onnxruntime; its execution provider follows `device`), a GPTQ artifact a
+    transformers model through `compressor.runtime.load`, anything else `load_model` on `device`.
+    `key` names the argument in errors."""
+    from compressor import runtime
+    from compressor.runtime import onnx as onnx_runtime
+
+    path = Path(model_or_artifact)
+    if path.is_dir() and onnx_runtime.is_onnx_artifact(path):
+        return onnx_runtime.load(path, device=device), runtime.load_tokenizer(path)
+    dev = resolve_device(device)
+    if path.is_dir() and runtime.is_gptq_artifact(path):
+        return runtime.load(path, device=str(dev)), runtime.load_tokenizer(path)
+    source = resolve_source(model_or_artifact, key=key)
+    return load_model(source, resolve_dtype("auto", dev)).to(dev), load_tokenizer(source)

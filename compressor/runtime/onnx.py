@@ -86,6 +86,8 @@ class OnnxCausalLM:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors (corrupted file, unsupported op)
             raise ArtifactError(f"{path / ONNX_FILE}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+        # outputs are logits, then present.{i}.key/value: named as the past inputs they feed next
+        self._past_names = [o.name.replace("present.", "past_key_values.", 1) for o in self.session.get_outputs()[1:]]
         self.generation_config = {}
         if (path / "generation_config.json").is_file():
             self.generation_config = json.loads((path / "generation_config.json").read_text())
@@ -107,8 +109,7 @@ class OnnxCausalLM:
             position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, cached:]
         feeds = {"input_ids": ids, "attention_mask": attention_mask, "position_ids": np.asarray(position_ids, np.int64), **past}
         outputs = self.session.run(None, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        present = {name.replace("present.", "past_key_values.", 1): value for name, value in zip(names[1:], outputs[1:])}
+        present = dict(zip(self._past_names, outputs[1:]))
         return Step(outputs[0], present, attention_mask)
 
     def logits(self, input_ids) -> np.ndarray:

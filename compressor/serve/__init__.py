@@ -30,8 +30,7 @@ BACKENDS = ("auto", "torch", "onnx")
 def load_for_serving(path: str, device: str = "auto", backend: str = "auto", key: str = "ARTIFACT"):
     """(model, tokenizer): an ONNX artifact through onnxruntime (`backend` auto or onnx), a GPTQ
     artifact through compressor.runtime (its kernels), else any model source (torch)."""
-    from compressor import runtime
-    from compressor.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+    from compressor.models import load_any
     from compressor.runtime import onnx as onnx_runtime
 
     if backend not in BACKENDS:
@@ -44,15 +43,7 @@ def load_for_serving(path: str, device: str = "auto", backend: str = "auto", key
     if backend == "torch" and is_onnx:
         raise UserError(f"{key} {path}: an ONNX artifact runs only on the onnx backend (--backend onnx or auto); "
                         "serve the GPTQ artifact it was exported from for torch")  # fmt: skip
-    if is_onnx:  # onnxruntime picks its execution provider from the device (cuda: CUDAExecutionProvider)
-        return onnx_runtime.load(p, device=device), runtime.load_tokenizer(p)
-    dev = resolve_device(device)
-    if p.is_dir() and runtime.is_gptq_artifact(p):
-        return runtime.load(p, device=str(dev)), runtime.load_tokenizer(p)
-    source = resolve_source(path, key=key)
-    model = load_model(source, resolve_dtype("auto", dev)).to(dev).eval()
-    model.requires_grad_(False)
-    return model, load_tokenizer(source)
+    return load_any(path, device, key=key)
 
 
 def _bind(host: str, port: int) -> socket.socket:

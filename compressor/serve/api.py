@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from compressor.serve.engine import Draining, Engine, Output, Overloaded, RequestRejected
+from compressor.serve.engine import Draining, Engine, EngineError, Output, Overloaded, RequestRejected
 from compressor.serve.metrics import ServeMetrics
 from compressor.serve.sampling import SamplingParams
 
@@ -124,7 +124,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first.get('msg', 'invalid value')} (got {shown})", param
 
 
-def _engine_error(exc: Exception) -> APIError:
+def _engine_error(exc: EngineError) -> APIError:
     if isinstance(exc, RequestRejected):
         return APIError(400, exc.message, param=exc.param, code=exc.code)
     if isinstance(exc, Overloaded):
@@ -250,7 +250,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServeMetrics
         queue: asyncio.Queue[Output] = asyncio.Queue()
         try:
             seq = engine.submit(prompt_ids, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-        except (RequestRejected, Overloaded, Draining) as exc:
+        except EngineError as exc:
             raise _engine_error(exc) from None
         return seq, queue
 

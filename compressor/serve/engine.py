@@ -145,11 +145,13 @@ class _Model:
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_kw: self.cache})
         return out.last_hidden_state, valid
 
-    def last_logits(self, rows) -> torch.Tensor:
-        """Logits [B, vocab] after each row's last new token."""
-        hidden, valid = self.hidden(rows)
-        last = valid.sum(dim=1) - 1
-        return self.head(hidden[torch.arange(len(rows), device=hidden.device), last]).float()
+
+
+def _last_logits(model: _Model | OnnxModel, rows) -> torch.Tensor:
+    """Logits [B, vocab] after each row's last new token (rows as for `hidden`)."""
+    hidden, _ = model.hidden(rows)
+    last = torch.tensor([len(tokens) - 1 for _, tokens, _ in rows], device=hidden.device)
+    return model.head(hidden[torch.arange(len(rows), device=hidden.device), last]).float()
 
 
 def _config(model):
@@ -453,12 +455,12 @@ class Engine:
     def _propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:
         """k greedy draft tokens per sequence; the draft first catches up on tokens it has not read."""
         rows = [(s.slot, s.tokens[s.draft_cached :], s.draft_cached) for s in seqs]
-        proposals = [[t] for t in self.draft.last_logits(rows).argmax(dim=-1).tolist()]
+        proposals = [[t] for t in _last_logits(self.draft, rows).argmax(dim=-1).tolist()]
         for s in seqs:
             s.draft_cached = len(s.tokens)
         for _ in range(k - 1):
             rows = [(s.slot, [p[-1]], s.draft_cached) for s, p in zip(seqs, proposals)]
-            for p, t in zip(proposals, self.draft.last_logits(rows).argmax(dim=-1).tolist()):
+            for p, t in zip(proposals, _last_logits(self.draft, rows).argmax(dim=-1).tolist()):
                 p.append(t)
             for s in seqs:
                 s.draft_cached += 1
@@ -490,11 +492,12 @@ class Engine:
                 seqs[i].cached += 1
                 self._append(seqs[i], [token])
         proposed_now = accepted_now = 0
+        greedy = logits.argmax(dim=-1).tolist() if proposals else []  # the served model's greedy tokens, every position
         for i, s in enumerate(seqs):
             if s.id not in proposals:
                 continue
             proposed = proposals[s.id]
-            choices = logits[starts[i] : starts[i + 1]].argmax(dim=-1).tolist()  # the served model's greedy tokens
+            choices = greedy[starts[i] : starts[i + 1]]
             accepted = 0
             while accepted < len(proposed) and proposed[accepted] == choices[accepted]:
                 accepted += 1

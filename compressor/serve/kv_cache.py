@@ -18,10 +18,16 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Bytes of K and V that one token costs across all layers."""
+def kv_dims(config) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a transformers config (older configs leave both implicit)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kv_heads, head_dim
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of K and V that one token costs across all layers."""
+    kv_heads, head_dim = kv_dims(config)
     return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -77,8 +83,7 @@ class SlotKVCache(Cache):
     """K/V for `slots` sequences of up to `capacity` tokens each, for every layer of `config`."""
 
     def __init__(self, config, slots: int, capacity: int, dtype: torch.dtype, device):
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_heads, head_dim = kv_dims(config)
         shape = (slots, kv_heads, capacity, head_dim)
         # zeros, not empty: masked entries still enter softmax(QK^T)V as 0 * V, and 0 * NaN is NaN
         layers = [

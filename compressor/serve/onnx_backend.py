@@ -35,11 +35,11 @@ def serving_config(model: OnnxCausalLM) -> SimpleNamespace:
     """What the engine reads from a transformers config, for an ONNX artifact (its onnx_config.json shape)."""
     oc = model.onnx_config
     return SimpleNamespace(
-        num_hidden_layers=int(oc["num_hidden_layers"]),
-        num_key_value_heads=int(oc["num_key_value_heads"]),
+        num_hidden_layers=model.layers,
+        num_key_value_heads=model.kv_heads,
         num_attention_heads=model.config.get("num_attention_heads"),
         hidden_size=model.config.get("hidden_size"),
-        head_dim=int(oc["head_dim"]),
+        head_dim=model.head_dim,
         vocab_size=int(oc["vocab_size"]),
         max_position_embeddings=oc.get("max_position_embeddings") or model.config.get("max_position_embeddings"),
     )
@@ -101,9 +101,3 @@ class OnnxModel:
                 k[slot, :, start : start + n] = new_k[i, :, past_len : past_len + n]
                 v[slot, :, start : start + n] = new_v[i, :, past_len : past_len + n]
         return torch.from_numpy(step.logits), torch.from_numpy(valid)
-
-    def last_logits(self, rows) -> torch.Tensor:
-        """Logits [B, vocab] after each row's last new token."""
-        logits, valid = self.hidden(rows)
-        last = valid.sum(dim=1) - 1
-        return logits[torch.arange(len(rows)), last].float()

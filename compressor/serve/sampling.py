@@ -59,9 +59,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if not todo.rows:
         return chosen
     probs, index = _filtered_probs(logits[todo.rows], todo)
-    for j, row in enumerate(todo.rows):
-        pick = torch.multinomial(probs[j], 1, generator=generators[row])
-        chosen[row] = int(pick) if index is None else int(index[j, pick])
+    # one draw per row from its own generator (a seeded request repeats whatever shares its batch),
+    # then one read-back for all rows
+    picks = torch.cat([torch.multinomial(probs[j], 1, generator=generators[row]) for j, row in enumerate(todo.rows)])
+    if index is not None:
+        picks = index.gather(1, picks[:, None])[:, 0]
+    for row, token in zip(todo.rows, picks.tolist()):
+        chosen[row] = token
     return chosen
 
 
