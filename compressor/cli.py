@@ -217,9 +217,8 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
     """
     import torch
 
-    from compressor.runtime.onnx import OnnxCausalLM
-
     from compressor.models import load_any
+    from compressor.runtime.onnx import OnnxCausalLM
 
     model, tokenizer = load_any(model_or_artifact, device)
     if chat:
@@ -231,16 +230,14 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
     if isinstance(model, OnnxCausalLM):
         ids = tokenizer(text, return_tensors="np", add_special_tokens=not chat).input_ids
         out = model.generate(ids, max_new_tokens, temperature=temperature, seed=seed)
-        completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        click.echo(completion if chat else prompt + completion)
-        return
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids.to(next(model.parameters()).device)
-    torch.manual_seed(seed)
-    sample = temperature > 0
-    out = model.generate(
-        ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-        top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )  # fmt: skip
+    else:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids.to(next(model.parameters()).device)
+        torch.manual_seed(seed)
+        sample = temperature > 0
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+            top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )  # fmt: skip
     completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     click.echo(completion if chat else prompt + completion)
 
@@ -281,10 +278,11 @@ def info(path: str | None) -> None:
         if not (p / "config.json").is_file():
             raise UserError(f"{path}: no config.json; not a model or artifact directory")
         files = sorted(f for f in p.rglob("*") if f.is_file())
+        from compressor.export.onnx import ONNX_CONFIG
         from compressor.runtime.onnx import is_onnx_artifact
 
         if is_onnx_artifact(p):
-            oc = json.loads((p / "onnx_config.json").read_text())
+            oc = runtime._read_json(p / ONNX_CONFIG)
             nb = oc.get("matmul_nbits", {})
             click.echo(f"{path}: ONNX artifact (opset {oc.get('opset')}), {nb.get('layers')} MatMulNBits linears, "
                        f"bits={nb.get('bits')}, block_size={nb.get('block_sizes')}, accuracy_level={nb.get('accuracy_level')}")  # fmt: skip

@@ -82,9 +82,9 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     config = _read_json(artifact_dir / "config.json")
     report = _read_json(artifact_dir / "report.json")
     source = (report.get("model") or {}).get("source")
-    onnx_config = _read_json(artifact_dir / "onnx_config.json") if (artifact_dir / "onnx_config.json").is_file() else None
+    onnx_config = _read_json(artifact_dir / "onnx_config.json")  # {} unless an ONNX artifact
     # an ONNX artifact's config.json drops quantization_config; onnx_config.json keeps the source's
-    qc = config.get("quantization_config") or ((onnx_config or {}).get("quantization_config") or {})
+    qc = config.get("quantization_config") or onnx_config.get("quantization_config") or {}
     gptq = qc.get("quant_method") == "gptq"
     sparsity = config.get("compressor_sparsity")
 
@@ -157,8 +157,8 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
                   "### onnxruntime (through compressor)", "", "```python", *download,
                   "from compressor.runtime import onnx as onnx_runtime", "",
                   "model = onnx_runtime.load(path)  # checks manifest.json; CPU EP, or device=\"cuda\" with onnxruntime-gpu",
-                  "```", "", "```bash", f'compress generate "$(huggingface-cli download {repo_id})" "def fibonacci(n):"', "```", "",
-                  *serve_lines]  # fmt: skip
+                  "```", "", "```bash", f'compress generate "$(huggingface-cli download {repo_id})" "def fibonacci(n):"',
+                  f'compress eval "$(huggingface-cli download {repo_id})"', "```", "", *serve_lines]  # fmt: skip
     else:
         lines += ["### transformers", ""]
         if gptq:

@@ -93,6 +93,11 @@ def unpack_along_rows(packed: torch.Tensor, bits: int, rows: int | None = None) 
     return values.reshape(capacity, cols)[:rows]
 
 
+
+def unpack_qzeros_v1(qzeros: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """int32 [G, N] zero points from GPTQ v1's qzeros [G, N*bits/32], which store zero - 1."""
+    return unpack_along_rows(qzeros.T.contiguous(), bits, columns).T + 1
+
 def pack_gptq_v1(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The GPTQ v1 tensors of one linear layer: qweight, qzeros, scales, g_idx (and bias)."""
     n, k = qw.codes.shape
@@ -142,7 +147,7 @@ def unpack_gptq_v1(
             f"scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}"
         )
     codes = unpack_along_rows(qweight, bits, k).T
-    zeros = unpack_along_rows(qzeros.T.contiguous(), bits, n).T + 1  # v1 stores zero - 1
+    zeros = unpack_qzeros_v1(qzeros, bits, n)
     if zeros.max() > 255:
         # An 8-bit v1 file that stored a zero of 0 as 255 reads back as 256; the record holds uint8.
         raise ValueError("a stored zero point of 2^bits - 1 decodes to 256, which QuantizedWeight cannot hold")

@@ -52,9 +52,7 @@ def perplexity(
     `model` is a transformers causal LM, or anything called as `model(input_ids=...)` that returns
     `.logits` (compressor.runtime.onnx.OnnxCausalLM: the ONNX artifact scored by onnxruntime).
     """
-    config = getattr(model, "config", None)
-    max_pos = getattr(model, "max_position_embeddings", None) if not isinstance(model, torch.nn.Module) else None
-    max_pos = max_pos or getattr(config, "max_position_embeddings", None)
+    max_pos = getattr(model, "max_position_embeddings", None) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seq_len = min(seq_len, max_pos) if max_pos else seq_len
     token_ids = token_ids.reshape(-1)
     n_windows = token_ids.numel() // seq_len

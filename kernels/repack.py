@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from compressor.packing import infer_group_size, unpack_along_rows
+from compressor.packing import infer_group_size, unpack_along_rows, unpack_qzeros_v1
 
 TILE_N = 32
 KERNEL_BITS = (4, 8)
@@ -96,7 +96,7 @@ def repack_gptq_v1(
     perm = act_order_permutation(g_idx, groups, group_size)
 
     q = unpack_along_rows(qweight, bits, k).to(torch.uint8)  # [K, N]
-    zeros = unpack_along_rows(qzeros.T.contiguous(), bits, n).T + 1  # [G, N]; v1 stores zero - 1
+    zeros = unpack_qzeros_v1(qzeros, bits, n)  # [G, N]
     if perm is not None:
         q = q[perm.long()]
     n_pad = -(-n // TILE_N) * TILE_N

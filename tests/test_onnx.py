@@ -311,6 +311,20 @@ def test_unsupported_architecture_is_one_clear_error(tmp_path):
         decoder_shape(GPT2Config())
 
 
+def test_dynamic_rope_is_refused_at_validation(tmp_path, tiny_llama_dir):
+    """Checked by decoder_shape, which `compress run` calls before any work (not only when the graph is built)."""
+    import shutil
+
+    model_dir = tmp_path / "dynamic-rope"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, tmp_path / "out", export="onnx")
+    with pytest.raises(RecipeError, match="rope_type 'dynamic' is not supported by the ONNX export"):
+        validate(load_recipe(recipe), str(recipe))
+
+
 # ------------------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
 def test_smollm2_onnx_matches_the_pytorch_runtime(tmp_path_factory, smollm2_tokenizer):

@@ -35,7 +35,7 @@ from compressor.export.artifact import (
     verify_manifest,
     write_manifest,
 )
-from compressor.packing import unpack_along_rows
+from compressor.packing import unpack_along_rows, unpack_qzeros_v1
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def gptq_to_nbits(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     groups = scales.shape[0]
     if g_idx is None:
         g_idx = torch.arange(k, dtype=torch.int32) // (k // groups)
-    zeros = unpack_along_rows(qzeros.T.contiguous(), bits, n).T.numpy() + 1  # [G, N]; v1 stores zero - 1
+    zeros = unpack_qzeros_v1(qzeros, bits, n).numpy()  # [G, N]
     if zeros.max() >= 2**bits:
         raise ArtifactError(f"{where}a zero point of {int(zeros.max())} does not fit {bits} bits (v1 stored zero 0 as 2^bits - 1)")
     g = g_idx.long().numpy()
@@ -191,6 +191,10 @@ def decoder_shape(config, where: str = "") -> DecoderShape:
         raise UserError(f"{where}sliding-window attention is not supported by the ONNX export")
     if getattr(text, "partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{where}partial rotary embeddings are not supported by the ONNX export")
+    rope_type = dict(getattr(text, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UserError(f"{where}rope_type {rope_type!r} is not supported by the ONNX export; supported: "
+                        f"{', '.join(STATIC_ROPE_TYPES)}")  # fmt: skip
     heads = text.num_attention_heads
     return DecoderShape(
         layers=text.num_hidden_layers,
@@ -210,10 +214,7 @@ def rope_caches(config, head_dim: int, max_positions: int, where: str = "") -> t
     """cos/sin [positions, head_dim/2] computed as transformers' rotary embedding computes them."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     params = dict(getattr(text, "rope_parameters", None) or {})
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise UserError(f"{where}rope_type {rope_type!r} is not supported by the ONNX export; supported: "
-                        f"{', '.join(STATIC_ROPE_TYPES)}")  # fmt: skip
+    rope_type = params.get("rope_type", "default")  # a supported one: decoder_shape checked it
     if rope_type == "default":
         base = params.get("rope_theta", getattr(text, "rope_theta", 10000.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -429,8 +430,13 @@ def _save(model, out_dir: Path) -> None:
     onnx.checker.check_model(str(path), full_check=False)
 
 
-def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, progress: bool = True) -> dict:
-    """Convert the GPTQ artifact `artifact` into the existing, empty `out_dir` (no manifest); return its onnx_config."""
+def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, progress: bool = True,
+                        record_source: bool = True, extra: dict | None = None) -> dict:  # fmt: skip
+    """Convert the GPTQ artifact `artifact` into the existing, empty `out_dir` (no manifest); return its onnx_config.
+
+    onnx_config.json names the source artifact unless `record_source` is False (a temporary
+    directory) and carries the `extra` fields.
+    """
     from transformers import AutoConfig
 
     from compressor import runtime
@@ -441,6 +447,9 @@ def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, 
     if accuracy_level not in (0, 4):
         raise UserError(f"accuracy_level: {accuracy_level} is not allowed: 0 (float32 compute) or 4 (int8 activations)")
     qconfig = runtime.gptq_config(artifact)
+    if qconfig["bits"] not in MATMUL_NBITS_BITS:  # before reading any weights
+        raise UserError(f"{artifact}: {qconfig['bits']}-bit weights cannot be exported to ONNX: MatMulNBits runs bits "
+                        f"{', '.join(map(str, MATMUL_NBITS_BITS))}")  # fmt: skip
     config = AutoConfig.from_pretrained(artifact)
     decoder_shape(config, f"{artifact}: ")
     tensors = _read_tensors(_weight_files(artifact))
@@ -480,8 +489,10 @@ def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, 
         "float_linears": builder.float_linears,
         "act_order_gathers": len(builder._gathers),
         "quantization_config": qconfig,
-        "source_artifact": str(artifact.resolve()),
     }
+    if record_source:
+        onnx_config["source_artifact"] = str(artifact.resolve())
+    onnx_config.update(extra or {})
     (out_dir / ONNX_CONFIG).write_text(json.dumps(onnx_config, indent=2) + "\n")
     return onnx_config
 
@@ -519,11 +530,8 @@ def convert_checkpoint_dir(write_gptq, out_dir: Path, accuracy_level: int = 0, p
     with tempfile.TemporaryDirectory(prefix=".gptq-for-onnx-", dir=Path(out_dir).parent) as tmp:
         write_gptq(Path(tmp))
         weights = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-        onnx_config = write_onnx_artifact(Path(tmp), out_dir, accuracy_level, progress)
-    onnx_config.pop("source_artifact", None)  # a deleted temporary directory
-    onnx_config["gptq_weights_bytes"] = weights
-    (Path(out_dir) / ONNX_CONFIG).write_text(json.dumps(onnx_config, indent=2) + "\n")
-    return onnx_config
+        return write_onnx_artifact(Path(tmp), out_dir, accuracy_level, progress,
+                                   record_source=False, extra={"gptq_weights_bytes": weights})  # fmt: skip
 
 
 def onnx_bytes(directory: Path) -> int:

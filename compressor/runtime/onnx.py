@@ -125,7 +125,7 @@ class OnnxCausalLM:
 
     @property
     def max_position_embeddings(self) -> int | None:
-        return self.config.get("max_position_embeddings")
+        return self.onnx_config.get("max_position_embeddings") or self.config.get("max_position_embeddings")
 
     def eos_token_ids(self) -> set[int]:
         eos = self.generation_config.get("eos_token_id", self.config.get("eos_token_id"))

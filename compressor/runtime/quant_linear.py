@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.packing import SUPPORTED_BITS, infer_group_size, unpack_along_rows
+from compressor.packing import SUPPORTED_BITS, infer_group_size, unpack_along_rows, unpack_qzeros_v1
 
 # device type -> kernel(module, x) returning the output, or None to fall back to dequantize + F.linear
 Kernel = Callable[["QuantLinear", torch.Tensor], "torch.Tensor | None"]
@@ -41,7 +41,7 @@ def dequantize_gptq_v1(
     """W [N, K] (nn.Linear layout) = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     q = unpack_along_rows(qweight, bits, k)  # [K, N]
-    zeros = unpack_along_rows(qzeros.T.contiguous(), bits, n).T + 1  # [G, N]; v1 stores zero - 1
+    zeros = unpack_qzeros_v1(qzeros, bits, n)  # [G, N]
     g = g_idx.long()
     # In float32 the product of a small integer and an fp16 scale is exact, so the one rounding is
     # the cast to `dtype`: the same result as computing in fp16 directly, and no double rounding

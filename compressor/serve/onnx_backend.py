@@ -41,7 +41,7 @@ def serving_config(model: OnnxCausalLM) -> SimpleNamespace:
         hidden_size=model.config.get("hidden_size"),
         head_dim=model.head_dim,
         vocab_size=int(oc["vocab_size"]),
-        max_position_embeddings=oc.get("max_position_embeddings") or model.config.get("max_position_embeddings"),
+        max_position_embeddings=model.max_position_embeddings,
     )
 
 
