@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from compressor.export.artifact import write_json
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
@@ -143,6 +144,14 @@ def main() -> None:
         equal = "n/a (dense weights)" if r is results[-1] else f"{same}/{len(reference)}"
         print(f"| {r['engine']} | {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / dense_speed:.2f}x | "
               f"{1000 * r['prefill_seconds']:.0f} | {equal} |")  # fmt: skip
+    # Logit agreement: one uncached forward over the prompt + the PyTorch runtime's greedy tokens.
+    seq = np.concatenate([ids.numpy(), np.array([reference], dtype=np.int64)], axis=1)
+    with torch.inference_mode():
+        expected = runtime.load(artifact)(torch.from_numpy(seq)).logits.float().numpy()
+    logit_diff = {level: float(np.abs(onnx_runtime.load(d, threads=args.threads).logits(seq) - expected).max())
+                  for level, d in onnx_dirs.items()}  # fmt: skip
+    print(f"\nmax |logit difference| to the PyTorch runtime over {seq.shape[1]} positions (largest |logit| "
+          f"{np.abs(expected).max():.1f}): " + ", ".join(f"accuracy_level {k}: {v:.2e}" for k, v in logit_diff.items()))  # fmt: skip
     sizes = {level: onnx_bytes(d) for level, d in onnx_dirs.items()}
     print(f"\nGPTQ artifact weights: {gptq_bytes / 1e6:.1f} MB; ONNX model.onnx: "
           + ", ".join(f"{b / 1e6:.1f} MB ({b / gptq_bytes:.3f}x)" for b in sizes.values()))  # fmt: skip
@@ -158,6 +167,9 @@ def main() -> None:
         "onnxruntime": __import__("onnxruntime").__version__,
         "gptq_weights_bytes": gptq_bytes,
         "onnx_bytes": {str(k): v for k, v in sizes.items()},
+        "max_abs_logit_diff_vs_pytorch_runtime": {str(k): v for k, v in logit_diff.items()},
+        "logit_diff_positions": seq.shape[1],
+        "max_abs_logit": float(np.abs(expected).max()),
         "results": [{k: v for k, v in r.items() if k != "tokens"} for r in results],
     }
     write_json(args.json, report)
