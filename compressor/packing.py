@@ -98,6 +98,31 @@ def unpack_qzeros_v1(qzeros: torch.Tensor, bits: int, columns: int) -> torch.Ten
     """int32 [G, N] zero points from GPTQ v1's qzeros [G, N*bits/32], which store zero - 1."""
     return unpack_along_rows(qzeros.T.contiguous(), bits, columns).T + 1
 
+
+def dequantize_gptq_v1(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """W [N, K] (nn.Linear layout) = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    q = unpack_along_rows(qweight, bits, k)  # [K, N]
+    zeros = unpack_qzeros_v1(qzeros, bits, n)  # [G, N]
+    g = g_idx.long()
+    # In float32 the product of a small integer and an fp16 scale is exact, so the one rounding is
+    # the cast to `dtype`: the same result as computing in fp16 directly, and no double rounding
+    # for bf16 (whose cast of the fp16 scale alone would already round).
+    w = (q - zeros[g]).to(torch.float32) * scales.to(torch.float32)[g]  # [K, N]
+    # Contiguous [N, K], the layout of nn.Linear.weight: F.linear then takes the same GEMM path as
+    # the float model, so the artifact reproduces the in-memory model bit for bit. (A transposed
+    # view picks another kernel whose rounding differs ~1e-5 per layer, and SmolLM2's outlier
+    # activations amplify that to ~1e-3 in the logits.)
+    return w.to(dtype).T.contiguous()
+
+
 def pack_gptq_v1(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The GPTQ v1 tensors of one linear layer: qweight, qzeros, scales, g_idx (and bias)."""
     n, k = qw.codes.shape

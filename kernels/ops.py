@@ -18,6 +18,7 @@ import threading
 
 import torch
 from compressor.kernels import build
+from compressor.packing import dequantize_gptq_v1
 from compressor.kernels.repack import (
     TILE_N,
     PackedLinear,
@@ -220,19 +221,15 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     out = linear(x, packed, module.bias)
     if out is None:  # a long prefill: cuBLAS on a dequantized weight that is not kept (memory stays 4-bit)
-        from compressor.runtime.quant_linear import dequantize_gptq_v1
-
         weight = dequantize_gptq_v1(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits, x.dtype)
         out = torch.nn.functional.linear(x, weight, None if module.bias is None else module.bias.to(x.dtype))
     return out
 
 
-def prepare_model(model) -> dict[str, int]:
-    """Repack every CUDA QuantLinear of `model` now (else on its first forward); counts by outcome."""
-    from compressor.runtime.quant_linear import QuantLinear
-
+def prepare_layers(layers: list) -> dict[str, int]:
+    """Repack these CUDA QuantLinear layers now (else on their first forward); counts by outcome."""
     counts = {"kernel": 0, "fallback": 0}
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.qweight.device.type == "cuda"]
+    layers = [m for m in layers if m.qweight.device.type == "cuda"]
     if not layers or not enabled() or not library_available(layers[0].qweight.device):
         counts["fallback"] = len(layers)
         return counts

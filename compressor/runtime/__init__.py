@@ -18,16 +18,18 @@ from torch import nn
 
 from compressor.errors import ArtifactError
 from compressor.export.artifact import verify_manifest
-from compressor.packing import SUPPORTED_BITS
-from compressor.runtime.quant_linear import QuantLinear, dequantize_gptq_v1, register_kernel
+from compressor.packing import SUPPORTED_BITS, dequantize_gptq_v1
+from compressor.runtime.quant_linear import QuantLinear, register_kernel
 
 __all__ = [
     "QuantLinear",
     "dequantize_gptq_v1",
     "gptq_config",
+    "default_dtype",
     "is_gptq_artifact",
     "load",
     "load_tokenizer",
+    "memory_bytes",
     "register_kernel",
 ]
 
@@ -41,7 +43,18 @@ def _cuda_kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
     return quant_linear_forward(module, x)
 
 
-register_kernel("cuda", _cuda_kernel)  # a Python hook only: nothing is compiled or loaded at import
+def _cpu_kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """QuantLinear on CPU inputs: compressor.kernels.cpu (its library built on first use). The
+    first call imports it and registers its hook in place of this one (it runs per layer per token)."""
+    from compressor.kernels.cpu import quant_linear_forward
+
+    register_kernel("cpu", quant_linear_forward)
+    return quant_linear_forward(module, x)
+
+
+# Python hooks only: nothing is compiled or loaded at import
+register_kernel("cuda", _cuda_kernel)
+register_kernel("cpu", _cpu_kernel)
 
 
 _LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -125,13 +138,20 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`, in memory of this process.
+
+    safetensors maps the file and hands out tensors backed by the mapping; they are copied here so
+    the model never reads the file lazily: a file rewritten under a running server cannot change
+    or fault its weights, and (measured on the benchmark machine) the CPU kernels stream
+    file-backed pages at about half the speed of the process's own memory.
+    """
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                tensors.update(load_file(file))
+                tensors.update((name, t.clone()) for name, t in load_file(file).items())
             else:
                 tensors.update(torch.load(file, map_location="cpu", weights_only=True))
         except Exception as exc:  # corrupted headers, truncated files, pickles with code
@@ -202,11 +222,87 @@ def _install_quant_linears(model, tensors: dict, bits: int, group_size, cache_de
         setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)
 
 
-def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = True, cache_dequantized: bool = True):
+def default_dtype(device) -> torch.dtype:
+    """The compute dtype `load` uses when none is given: float16 on CUDA, float32 on CPU.
+
+    Float32 on CPU by measurement (BENCHMARKS.md, CPU runtime): the CPU kernels accumulate in
+    float32 either way, and on CPUs without native bfloat16 arithmetic (AVX2) torch's bfloat16
+    attention, norms and GEMMs are slower than float32, and bfloat16 moves the greedy outputs.
+    """
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _float16_storage(device: torch.device, dtype: torch.dtype, cache_dequantized: bool) -> bool:
+    """Whether a CPU float32 model keeps the artifact's float16 embeddings/lm_head as float16
+    (half_weights.py): only where the CPU kernel computes lm_head from them."""
+    if device.type != "cpu" or dtype != torch.float32 or cache_dequantized:
+        return False
+    from compressor.kernels import cpu
+
+    return cpu.available()
+
+
+def _embedding_weight_names(model) -> set[str]:
+    """State-dict names of the plain nn.Embedding input embeddings and nn.Linear lm_head weights."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if type(m) in (nn.Embedding, nn.Linear)}
+    return {f"{name}.weight" for name, module in model.named_modules() if id(module) in wanted}
+
+
+def _use_float16_storage(model, dtype: torch.dtype) -> None:
+    """Swap float16 nn.Embedding / lm_head for modules that keep float16 weights and compute in `dtype`."""
+    from compressor.runtime.half_weights import Float16Embedding, Float16Linear
+
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(embedding) is nn.Embedding and embedding.weight.dtype == torch.float16:
+        model.set_input_embeddings(Float16Embedding(embedding.weight.data, dtype, embedding.padding_idx))
+    if type(output) is nn.Linear and output.weight.dtype == torch.float16:
+        tied = output.weight is embedding.weight
+        weight = model.get_input_embeddings().weight if tied else output.weight.data  # one tensor for both when tied
+        model.set_output_embeddings(Float16Linear(weight, None if output.bias is None else output.bias.data, dtype))
+
+
+def memory_bytes(model) -> dict[str, int]:
+    """Bytes of the tensors `model` holds, each storage counted once: "packed" (QuantLinear buffers
+    and the CPU kernels' act-order copies), "float" (everything else) and "total"."""
+    seen: set[int] = set()
+    packed = other = 0
+
+    def size(t: torch.Tensor | None) -> int:
+        if t is None or t.device.type == "meta":
+            return 0
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+
+    from compressor.kernels.cpu import prepared_weight
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            prepared = prepared_weight(module)
+            packed += sum(size(t) for t in module.buffers(recurse=False))
+            packed += 0 if prepared is None else size(prepared.qweight) + size(prepared.bias)  # act-order copy; float32 bias
+            other += size(module._dequantized)  # the opt-in float cache
+        else:
+            other += sum(size(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+    return {"packed": packed, "float": other, "total": packed + other}
+
+
+def _resident_set_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = True, cache_dequantized: bool = False):
     """A transformers causal LM whose GPTQ-quantized linears are `QuantLinear`, in eval mode on `device`.
 
-    Float tensors are cast to `dtype` (default float32 on CPU, float16 on CUDA); the packed
-    weights stay packed. With `verify`, a manifest.json present is checked first.
+    The packed weights stay packed and the kernels (CUDA; AVX2 CPUs) multiply with them. Float
+    tensors are cast to `dtype` (default: `default_dtype(device)`), except that a float32 model on
+    a CPU keeps the artifact's float16 embeddings/lm_head as they are (half_weights.py).
+    `cache_dequantized=True` opts in to a float model instead (QuantLinear). With `verify`, a
+    manifest.json present is checked first. Logs the bytes held and the process's RSS growth.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -219,7 +315,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
         verify_manifest(path)
     qconfig = gptq_config(path)
     device = torch.device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
+    rss_before = _resident_set_bytes()
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -233,7 +330,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _install_quant_linears(model, tensors, qconfig["bits"], qconfig.get("group_size"), cache_dequantized, path)
 
-    state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    keep_float16 = _embedding_weight_names(model) if _float16_storage(device, dtype, cache_dequantized) else set()
+    state = {name: t.to(dtype) if t.is_floating_point() and name not in keep_float16 else t for name, t in tensors.items()}
     for module in model.modules():  # QuantLinear biases follow the float dtype; scales stay fp16 (exact)
         if isinstance(module, QuantLinear) and module.bias is not None:
             module.bias = module.bias.to(dtype)
@@ -249,6 +347,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     if result.unexpected_keys:
         log.warning("%s: ignoring %d tensors the architecture does not use: %s", path, len(result.unexpected_keys),
                     ", ".join(result.unexpected_keys[:5]))
+    if keep_float16:
+        _use_float16_storage(model, dtype)
 
     model.config.quantization_config = qconfig  # for reference: what the packed weights are
     if (path / "generation_config.json").is_file():
@@ -256,10 +356,19 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    if device.type == "cuda":  # build the kernels and repack every layer now rather than on the first forward
-        from compressor.kernels.ops import prepare_model
-
-        prepare_model(model)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not cache_dequantized:  # prepare every layer for the kernels now rather than on the first forward
+        if device.type == "cuda":
+            from compressor.kernels.ops import prepare_layers
+        else:
+            from compressor.kernels.cpu import prepare_layers
+        prepare_layers(layers)
+    held = memory_bytes(model)
+    log.info(
+        "loaded %s on %s (%s): %.1f MB held (packed linears %.1f MB, float tensors %.1f MB%s); process RSS +%.1f MB",
+        path, device, str(dtype).removeprefix("torch."), held["total"] / 1e6, held["packed"] / 1e6, held["float"] / 1e6,
+        ", float16 embeddings" if keep_float16 else "", (_resident_set_bytes() - rss_before) / 1e6,
+    )  # fmt: skip
     return model
 
 

@@ -1,9 +1,13 @@
 """A linear layer that holds GPTQ v1 packed weights and computes with them.
 
-The portable path dequantizes the packed weight to the activation dtype and calls F.linear.
-`cache_dequantized=True` keeps that weight after the first call (speed of a float model,
-memory of one too); False recomputes it every call (memory of the packed weights only).
-Device-specific kernels slot in through `register_kernel` without touching this path.
+By default it multiplies with the packed weights: a kernel registered for the input's device
+(`register_kernel`: compressor.kernels on CUDA and on AVX2 CPUs) reads them directly, and where
+no kernel applies (other CPUs, 2/3-bit codes, long prefills) the weight is dequantized for the
+call and dropped, so memory stays that of the packed weights.
+
+`cache_dequantized=True` is the explicit opt-in to a float model: the dequantized weight is kept
+after the first call and every call is a plain F.linear on it (kernels are skipped): the speed
+and bit-exact numerics of the float model, and its memory too.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.packing import SUPPORTED_BITS, infer_group_size, unpack_along_rows, unpack_qzeros_v1
+from compressor.packing import SUPPORTED_BITS, dequantize_gptq_v1, infer_group_size
 
 # device type -> kernel(module, x) returning the output, or None to fall back to dequantize + F.linear
 Kernel = Callable[["QuantLinear", torch.Tensor], "torch.Tensor | None"]
@@ -30,30 +34,6 @@ def register_kernel(device_type: str, kernel: Kernel | None) -> None:
         _KERNELS[device_type] = kernel
 
 
-def dequantize_gptq_v1(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """W [N, K] (nn.Linear layout) = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
-    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
-    q = unpack_along_rows(qweight, bits, k)  # [K, N]
-    zeros = unpack_qzeros_v1(qzeros, bits, n)  # [G, N]
-    g = g_idx.long()
-    # In float32 the product of a small integer and an fp16 scale is exact, so the one rounding is
-    # the cast to `dtype`: the same result as computing in fp16 directly, and no double rounding
-    # for bf16 (whose cast of the fp16 scale alone would already round).
-    w = (q - zeros[g]).to(torch.float32) * scales.to(torch.float32)[g]  # [K, N]
-    # Contiguous [N, K], the layout of nn.Linear.weight: F.linear then takes the same GEMM path as
-    # the float model, so the artifact reproduces the in-memory model bit for bit. (A transposed
-    # view picks another kernel whose rounding differs ~1e-5 per layer, and SmolLM2's outlier
-    # activations amplify that to ~1e-3 in the logits.)
-    return w.to(dtype).T.contiguous()
-
-
 class QuantLinear(nn.Module):
     """y = x @ W^T + b with W stored as GPTQ v1 buffers (qweight, qzeros, scales, g_idx, bias)."""
 
@@ -64,7 +44,7 @@ class QuantLinear(nn.Module):
         bits: int,
         group_size: int,
         bias: bool = False,
-        cache_dequantized: bool = True,
+        cache_dequantized: bool = False,
         device: torch.device | str | None = None,
     ):
         super().__init__()
@@ -92,7 +72,7 @@ class QuantLinear(nn.Module):
         tensors: dict[str, torch.Tensor],
         bits: int,
         group_size: int | None = None,
-        cache_dequantized: bool = True,
+        cache_dequantized: bool = False,
     ) -> QuantLinear:
         """Build from one layer's checkpoint tensors (keys qweight, qzeros, scales, optional g_idx, bias).
 
@@ -134,7 +114,7 @@ class QuantLinear(nn.Module):
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = _KERNELS.get(x.device.type)
+        kernel = None if self.cache_dequantized else _KERNELS.get("cpu" if x.is_cpu else x.device.type)
         if kernel is not None:
             out = kernel(self, x)
             if out is not None:

@@ -1,0 +1,225 @@
+"""Torch-facing CPU kernels (kernels/cpu_gemm.c): QuantLinear's CPU hook and the float16-weight linear.
+
+`quant_linear_forward` is what QuantLinear runs for CPU inputs. It multiplies with the GPTQ v1
+buffers as they are (no repack, no copy) when the layer's groups are contiguous (g_idx = k //
+group_size: plain GPTQ and act-order with static groups); a permuted g_idx (dynamic act-order)
+gets a row-sorted copy of qweight once, and x's columns are gathered per call, as on CUDA. It
+returns None (the caller dequantizes + F.linear) for what the kernels do not cover, logging each
+reason once: 2/3-bit codes, shapes the kernels cannot tile, a CPU without AVX2, no C compiler,
+and batches of more than MAX_ROWS rows (a prefill or a perplexity window, where one
+dequantization per call is cheap next to a float GEMM over many rows).
+
+Activations of any float dtype are computed in float32 (the kernels' arithmetic) and returned in
+their own dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from compressor.kernels import build
+from compressor.kernels.repack import Unsupported, act_order_permutation
+
+from compressor.packing import infer_group_size, pack_along_rows, unpack_along_rows
+
+log = logging.getLogger(__name__)
+
+KERNEL_BITS = (4, 8)
+# Rows of x up to which the kernels beat dequantize + float32 GEMM on every SmolLM2 shape
+# (benchmarks/cpu_runtime.py --kernels; above it the dequantization is amortized over the rows).
+MAX_ROWS = 32
+
+
+@dataclass(frozen=True, eq=False)
+class CpuQuantWeight:
+    """What the CPU kernel reads for one layer: GPTQ v1 buffers whose groups are contiguous row ranges."""
+
+    qweight: torch.Tensor  # int32 [K*bits/32, N], rows sorted by group when perm is set
+    qzeros: torch.Tensor  # int32 [G, N*bits/32]
+    scales: torch.Tensor  # fp16 [G, N]
+    bias: torch.Tensor | None  # float32 [N]
+    perm: torch.Tensor | None  # int64 [K]: x[..., perm] feeds the row-sorted qweight; None = identity
+    bits: int
+    group_size: int  # rows per group (K for one group)
+    layer: build.CpuQuantLayer  # the C struct pointing at the tensors above (kept alive here)
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * 32 // self.bits
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+
+def prepare_gptq_v1(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+    bias: torch.Tensor | None = None,
+) -> CpuQuantWeight:  # fmt: skip
+    """The kernel's view of one layer's GPTQ v1 buffers (shared, not copied, unless act-order
+    needs the rows sorted). Raises Unsupported."""
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    groups = scales.shape[0]
+    group_size = infer_group_size(g_idx, groups)
+    if bits not in KERNEL_BITS:
+        raise Unsupported(f"{bits}-bit codes have no CPU kernel (CPU kernels: {', '.join(map(str, KERNEL_BITS))}-bit)")
+    if n % 8:
+        raise Unsupported(f"out_features={n} is not a multiple of 8")
+    if any(t.device.type != "cpu" for t in (qweight, qzeros, scales, g_idx)):
+        raise Unsupported("the buffers are not on the CPU")
+    rows = k if group_size == -1 else group_size
+    if k % rows or rows % (32 // bits):
+        raise Unsupported(f"group_size={group_size} does not split in_features={k} into whole {bits}-bit words")
+    perm = act_order_permutation(g_idx, groups, group_size)
+    if perm is not None:  # dynamic act-order: sort rows by group once
+        perm = perm.long()
+        qweight = pack_along_rows(unpack_along_rows(qweight, bits, k)[perm], bits)
+    qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales.to(torch.float16)))
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    layer = build.CpuQuantLayer(qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                                n, k, bits, rows)  # fmt: skip
+    return CpuQuantWeight(qweight, qzeros, scales, bias, perm, bits, rows, layer)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous float32 (itself when it already is)."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def quant_linear(x: torch.Tensor, weight: CpuQuantWeight) -> torch.Tensor | None:
+    """x [..., K] @ W + bias -> [..., N] in x's dtype; None when x has more than MAX_ROWS rows.
+
+    The hot path of every decoded token (hundreds of calls per token): one contiguity check, one
+    output allocation, one C call with five arguments.
+    """
+    layer = weight.layer
+    k, n = layer.k, layer.n
+    shape = x.shape
+    if shape[-1] != k or not x.is_cpu:
+        raise ValueError(f"x ({tuple(shape)} on {x.device}) must be [..., {k}] on the CPU")
+    m = x.numel() // k
+    if m > MAX_ROWS:
+        return None
+    x2 = _rows(x)
+    if weight.perm is not None:
+        x2 = x2.index_select(-1, weight.perm)
+    y = torch.empty(shape[:-1] + (n,), dtype=torch.float32)
+    if _quant_linear_fn()(layer, x2.data_ptr(), y.data_ptr(), m, torch.get_num_threads()):
+        raise RuntimeError(f"cq_cpu_quant_linear rejected its arguments (m={m}, n={n}, k={k}, bits={weight.bits}, group={weight.group_size})")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [..., K] @ weight.T + bias for a float16 weight [N, K], computed in float32 and returned
+    in x's dtype; None when x has more than MAX_ROWS rows or K is not a multiple of 8."""
+    n, k = weight.shape
+    if weight.dtype != torch.float16 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float16 [N, K] tensor, got {weight.dtype}")
+    if x.shape[-1] != k or not x.is_cpu:
+        raise ValueError(f"x ({tuple(x.shape)} on {x.device}) must be [..., {k}] on the CPU")
+    m = x.numel() // k
+    if m > MAX_ROWS or k % 8:
+        return None
+    x2 = _rows(x)
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+    code = build.load_cpu_library().cq_cpu_half_linear(
+        weight.data_ptr(), None if bias is None else bias.data_ptr(), x2.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads()
+    )
+    if code != 0:
+        raise RuntimeError(f"cq_cpu_half_linear rejected its arguments (m={m}, n={n}, k={k})")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@functools.cache
+def _quant_linear_fn():
+    return build.load_cpu_library().cq_cpu_quant_linear
+
+
+# --- QuantLinear hook -------------------------------------------------------------------------
+
+_logged: set[str] = set()
+_unavailable: str | None = None  # why the library cannot be used here, once known
+
+
+def _log_once(message: str, level: int = logging.WARNING) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
+
+
+def enabled() -> bool:
+    """COMPRESSOR_CPU_KERNELS=0 turns the kernels off (QuantLinear then dequantizes + F.linear)."""
+    return os.environ.get("COMPRESSOR_CPU_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the kernels run on this machine (builds the library on first call); logs why not, once."""
+    global _unavailable
+    if not enabled():
+        return False
+    if _unavailable is None:
+        try:
+            build.load_cpu_library()
+            _unavailable = ""
+        except build.KernelUnavailable as exc:
+            _unavailable = str(exc)
+    if _unavailable:
+        _log_once(f"CPU kernels unavailable, using dequantize + F.linear: {_unavailable}")
+        return False
+    return True
+
+
+_KEY_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def cpu_weight(module) -> CpuQuantWeight | None:
+    """The module's weight as the kernel reads it, or None if unsupported. Prepared once and kept
+    on the module; prepared again when any of its buffers is replaced or modified in place."""
+    tensors = tuple(map(module._buffers.get, _KEY_BUFFERS))  # direct dict access: this runs for every call
+    versions = tuple(-1 if t is None else t._version for t in tensors)
+    cached = module.__dict__.get("_cpu_weight")
+    if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], tensors)):
+        return cached[2]
+    try:
+        weight = prepare_gptq_v1(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits, module.bias)
+    except Unsupported as exc:
+        _log_once(f"QuantLinear {module.in_features}->{module.out_features} {module.bits}-bit: {exc}; using dequantize + F.linear")
+        weight = None
+    module._cpu_weight = (tensors, versions, weight)
+    return weight
+
+
+def prepared_weight(module) -> CpuQuantWeight | None:
+    """The weight `cpu_weight` prepared last for `module` (None if none), without preparing one."""
+    cached = module.__dict__.get("_cpu_weight")
+    return None if cached is None else cached[2]
+
+
+def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
+    """QuantLinear's CPU kernel: the output, or None to fall back to dequantize + F.linear."""
+    if not available():
+        return None
+    weight = cpu_weight(module)
+    return None if weight is None else quant_linear(x, weight)
+
+
+def prepare_layers(layers: list) -> dict[str, int]:
+    """Prepare these CPU QuantLinear layers for the kernels now (else on their first forward); counts by outcome."""
+    counts = {"kernel": 0, "fallback": 0}
+    layers = [m for m in layers if m.qweight.device.type == "cpu"]
+    if not layers or not available():
+        counts["fallback"] = len(layers)
+        return counts
+    for layer in layers:
+        counts["kernel" if cpu_weight(layer) is not None else "fallback"] += 1
+    log.info("CPU kernels: %d linear layers read packed, %d on dequantize + F.linear", counts["kernel"], counts["fallback"])
+    return counts
