@@ -148,6 +148,17 @@ def sweep(recipe: Path, key: str, values_text: str, out: Path, overrides: tuple[
     click.echo(f"plot: {out / 'sweep.png'}")
 
 
+def _runtime_options(command):
+    """--dtype and --cache-dequantized: how a GPTQ artifact (or model) is run (models.load_any)."""
+    from compressor.models import DTYPES
+
+    command = click.option("--cache-dequantized", is_flag=True,
+                           help="GPTQ artifacts: keep a dequantized float copy of every quantized layer and use it instead of "
+                                "the kernels (the float model's speed and memory).")(command)  # fmt: skip
+    return click.option("--dtype", default="auto", type=click.Choice(DTYPES), show_default=True,
+                        help="Compute dtype; auto: float32 on CPU (the CPU kernels' arithmetic), float16 on CUDA.")(command)  # fmt: skip
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_set_option
@@ -177,8 +188,9 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(8), help="Window length (capped by the model).")
 @click.option("--max-windows", default=None, type=click.IntRange(1), help="Evaluate only the first N windows.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@_runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_windows, device, as_json) -> None:
+def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_windows, device, dtype, cache_dequantized, as_json) -> None:
     """Perplexity of MODEL_OR_ARTIFACT (a GPTQ or ONNX artifact directory, or any model source).
 
     Protocol: the evaluation text is tokenized once and cut into non-overlapping windows of
@@ -191,7 +203,7 @@ def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_
     spec = EvaluationData(source=source, config=config, split=split, text_field=text_field, seq_len=seq_len, max_windows=max_windows)
     from compressor.models import load_any
 
-    model, tokenizer = load_any(model_or_artifact, device)  # an ONNX artifact is scored by onnxruntime
+    model, tokenizer = load_any(model_or_artifact, device, dtype=dtype, cache_dequantized=cache_dequantized)  # ONNX: onnxruntime
     result = perplexity(model, evaluation_tokens(tokenizer, spec), spec.seq_len, 1, spec.max_windows)
     if as_json:
         click.echo(json.dumps({"model": model_or_artifact, "data": source, **result.to_dict()}))
@@ -210,7 +222,8 @@ def eval_cmd(model_or_artifact, source, config, split, text_field, seq_len, max_
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 is greedy.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
-def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed, device) -> None:
+@_runtime_options
+def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed, device, dtype, cache_dequantized) -> None:
     """Print a completion of PROMPT by MODEL_OR_ARTIFACT (greedy unless --temperature > 0).
 
     MODEL_OR_ARTIFACT may also be an ONNX artifact (`compress export --format onnx`), run by onnxruntime.
@@ -220,7 +233,7 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
     from compressor.models import load_any
     from compressor.runtime.onnx import OnnxCausalLM
 
-    model, tokenizer = load_any(model_or_artifact, device)
+    model, tokenizer = load_any(model_or_artifact, device, dtype=dtype, cache_dequantized=cache_dequantized)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"{model_or_artifact}: the tokenizer has no chat template; drop --chat")
@@ -289,6 +302,9 @@ def info(path: str | None) -> None:
         elif runtime.is_gptq_artifact(p):
             qc = runtime.gptq_config(p)
             click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc))
+            held = runtime.memory_estimate(p)  # what `runtime.load(p)` holds on this machine's CPU, from the headers
+            click.echo(f"runtime memory (CPU, {str(runtime.default_dtype('cpu')).removeprefix('torch.')}): {held['total'] / 1e6:.1f} MB "
+                       f"(packed linears {held['packed'] / 1e6:.1f} MB, float tensors {held['float'] / 1e6:.1f} MB)")  # fmt: skip
         else:
             config = json.loads((p / "config.json").read_text())
             sparsity = config.get("compressor_sparsity")
@@ -371,8 +387,9 @@ def push(artifact: Path, repo_id: str, private: bool, revision: str | None, over
 @click.option("--kv-cache-gb", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True), help="KV cache budget (served model and draft); caps the batch size.")
 @click.option("--served-model-name", default=None, help="The model name clients send [default: the artifact directory's name].")
 @click.option("--shutdown-timeout", default=60.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for in-flight requests.")
+@_runtime_options
 def serve(artifact, host, port, device, backend, draft, num_speculative_tokens, max_batch_size, max_model_len, max_prompt_tokens,
-          max_tokens_limit, max_queue, prefill_chunk, kv_cache_gb, served_model_name, shutdown_timeout) -> None:  # fmt: skip
+          max_tokens_limit, max_queue, prefill_chunk, kv_cache_gb, served_model_name, shutdown_timeout, dtype, cache_dequantized) -> None:  # fmt: skip
     """Serve ARTIFACT (an artifact directory or any model source) with an OpenAI-compatible API.
 
     \b
@@ -386,6 +403,7 @@ def serve(artifact, host, port, device, backend, draft, num_speculative_tokens, 
 
     run_server(
         artifact, host=host, port=port, device=device, backend=backend, draft=draft, served_model_name=served_model_name,
+        dtype=dtype, cache_dequantized=cache_dequantized,
         shutdown_timeout=shutdown_timeout, num_speculative_tokens=num_speculative_tokens, max_batch_size=max_batch_size,
         max_model_len=max_model_len, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_queue=max_queue,
         prefill_chunk=prefill_chunk, kv_cache_gb=kv_cache_gb,

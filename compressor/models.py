@@ -153,19 +153,32 @@ def load_model(source: ResolvedSource, dtype: torch.dtype, revision: str | None 
     return model
 
 
-def load_any(model_or_artifact: str, device: str = "auto", key: str = "MODEL"):
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_any(model_or_artifact: str, device: str = "auto", key: str = "MODEL", dtype: str = "auto", cache_dequantized: bool = False):
     """(model, tokenizer) for the commands that run a model: an ONNX artifact gives an
     `OnnxCausalLM` (onnxruntime; its execution provider follows `device`), a GPTQ artifact a
-    transformers model through `compressor.runtime.load`, anything else `load_model` on `device`.
+    transformers model through `compressor.runtime.load` (compute `dtype`, "auto" = its default;
+    `cache_dequantized` = the opt-in float cache), anything else `load_model` on `device`.
     `key` names the argument in errors."""
     from compressor import runtime
     from compressor.runtime import onnx as onnx_runtime
 
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not allowed: {', '.join(DTYPES)}")
     path = Path(model_or_artifact)
+    is_gptq = path.is_dir() and runtime.is_gptq_artifact(path)
     if path.is_dir() and onnx_runtime.is_onnx_artifact(path):
+        if dtype not in ("auto", "float32") or cache_dequantized:
+            raise UserError(f"{key} {model_or_artifact}: an ONNX artifact runs in float32 on onnxruntime; "
+                            "--dtype and --cache-dequantized apply to GPTQ artifacts and models")  # fmt: skip
         return onnx_runtime.load(path, device=device), runtime.load_tokenizer(path)
+    if cache_dequantized and not is_gptq:
+        raise UserError(f"--cache-dequantized: {key} {model_or_artifact} is not a GPTQ artifact (nothing to dequantize)")
     dev = resolve_device(device)
-    if path.is_dir() and runtime.is_gptq_artifact(path):
-        return runtime.load(path, device=str(dev)), runtime.load_tokenizer(path)
+    if is_gptq:
+        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+        return runtime.load(path, device=str(dev), dtype=torch_dtype, cache_dequantized=cache_dequantized), runtime.load_tokenizer(path)
     source = resolve_source(model_or_artifact, key=key)
-    return load_model(source, resolve_dtype("auto", dev)).to(dev), load_tokenizer(source)
+    return load_model(source, resolve_dtype(dtype, dev)).to(dev), load_tokenizer(source)

@@ -19,20 +19,24 @@
 //           checkpoints with a permuted g_idx are row-sorted by the caller first).
 //
 // Row r of qweight for 8 adjacent columns n0..n0+7 is 32 contiguous bytes: one AVX2 load gives
-// 8 lanes, lane c holding P codes of column n0+c. Shifting all lanes by bits*j and masking gives
-// the codes of row r*P+j for the 8 columns at once, so each code costs ~4 vector instructions
-// per 8 weights (shift, and, convert, subtract the zero) plus one FMA per activation row.
+// 8 lanes, lane c holding the P codes of column n0+c. Code j is used in place: masking the word
+// with (2^bits - 1) << bits*j gives q * 2^(bits*j) per lane, exact as a float, and the matching
+// activation is pre-scaled by 2^-(bits*j) once per call (exact: a power of two), so a code costs
+// an AND and a convert per 8 weights plus one FMA per activation row; the top code is shifted
+// down instead, since in place it would be the sign bit.
 //
-//   y[m, n] = sum_g scales[g, n] * sum_{k in g} x[m, k] * (q[k, n] - zero[g, n])
+//   y[m, n] = sum_g scales[g, n] * (sum_{k in g} x[m, k] q[k, n]  -  zero[g, n] sum_{k in g} x[m, k])
 //
-// The inner sum is over exact small integers times x (float32 FMAs); the scale is applied once
-// per group. Subtracting the zero per element (instead of zero * sum(x) per group) avoids the
-// cancellation between two large sums that SmolLM2's outlier activations would amplify.
+// The inner sums are float32 FMAs over exact small integers; zero and scale are applied once per
+// group. (The subtraction of two sums cancels: relative error ~1e-6 of the output against a
+// float64 reference, the level of any float32 GEMM's summation order.)
 //
-// Rows of x are processed MT (<= 4) at a time so a decoded code vector feeds MT FMAs; the
-// weight strip of one 8-column block (K*bits/8 bytes) stays in L1/L2 across row tiles. Threads
-// split N (OpenMP; the shared object links libgomp.so.1 by soname, which resolves to the copy
-// torch has already loaded, so both share one thread pool).
+// A block is 16 columns (two vectors: a whole 64-byte line of each qweight row) and rows of x go
+// in pairs, so a decoded code vector feeds two FMAs; the block's weight strip (K*bits/2 bytes)
+// stays in L1/L2 across the pairs. Rows of qweight are N words apart, so the next rows are
+// prefetched explicitly (hardware prefetchers stop at page boundaries). Threads split N (OpenMP;
+// the shared object links libgomp.so.1 by soname, which resolves to the copy torch has already
+// loaded, so both share one thread pool).
 //
 // Float16 weights (lm_head / tied embeddings, stored fp16 in the artifact): [N, K] row-major
 // (nn.Linear layout); 4 output columns at a time, F16C converts 8 weights per instruction, dot
@@ -81,14 +85,16 @@ static inline __attribute__((always_inline)) void quant_tile(
     __m256i masks[8];
     for (int j = 0; j < P - 1; j++) masks[j] = _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * j));
     // FMA latency is ~4-5 cycles: one accumulator per row and vector would serialize the P FMAs
-    // of a word, so each gets A independent chains (code j feeds chain j % A): MT * A * NB = 8.
-    const int A = MT == 1 ? 4 : MT == 2 ? 2 : 1;
-    __m256 out[4][2];
+    // of a word, so each gets A = 2 independent chains (code j feeds chain j % 2). A is the same
+    // for every tile shape, so a row's sums happen in the same order whatever M is and whichever
+    // rows share its tile: a request's output does not depend on what it is batched with.
+    const int A = 2;
+    __m256 out[2][2];
     for (int i = 0; i < MT; i++)
         for (int v = 0; v < NB; v++) out[i][v] = bias ? _mm256_loadu_ps(bias + n0 + 8 * v) : _mm256_setzero_ps();
     const int32_t* wp = qweight + n0;
     for (int64_t g = 0; g < groups; g++) {
-        __m256 acc[4][4][2];
+        __m256 acc[2][2][2];
         for (int i = 0; i < MT; i++)
             for (int a = 0; a < A; a++)
                 for (int v = 0; v < NB; v++) acc[i][a][v] = _mm256_setzero_ps();
@@ -127,11 +133,10 @@ static inline __attribute__((always_inline)) void quant_tile(
 
 #define QUANT_TILE(MT, NB, BITS) quant_tile(xs, xsum, k, groups, qweight, qzeros, scales, bias, y, ldy, n, group_size, n0, m0, MT, NB, BITS)
 #define QUANT_TILE_ROWS(NB, BITS)                   \
-    switch (mt) {                                   \
-        case 4: QUANT_TILE(4, NB, BITS); break;     \
-        case 3: QUANT_TILE(3, NB, BITS); break;     \
-        case 2: QUANT_TILE(2, NB, BITS); break;     \
-        default: QUANT_TILE(1, NB, BITS); break;    \
+    if (mt == 2) {                                  \
+        QUANT_TILE(2, NB, BITS);                    \
+    } else {                                        \
+        QUANT_TILE(1, NB, BITS);                    \
     }
 
 // Per-call scratch: the scaled activations and their per-group sums (grown, never shrunk).
@@ -194,8 +199,8 @@ int cq_cpu_quant_linear(const cq_quant_layer* layer, const float* x, float* y, i
     for (int b = 0; b < blocks; b++) {
         const int n0 = b * 16;
         const int full = n0 + 16 <= n;
-        for (int64_t m0 = 0; m0 < m; m0 += 4) {
-            const int mt = m - m0 < 4 ? (int)(m - m0) : 4;
+        for (int64_t m0 = 0; m0 < m; m0 += 2) {  // rows in pairs: 2 rows x 2 chains x 2 vectors = 8 accumulators
+            const int mt = m - m0 < 2 ? (int)(m - m0) : 2;
             if (bits == 4) {
                 if (full) { QUANT_TILE_ROWS(2, 4) } else { QUANT_TILE_ROWS(1, 4) }
             } else {

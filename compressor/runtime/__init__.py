@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "load",
     "load_tokenizer",
     "memory_bytes",
+    "memory_estimate",
     "register_kernel",
 ]
 
@@ -286,6 +288,45 @@ def memory_bytes(model) -> dict[str, int]:
             other += size(module._dequantized)  # the opt-in float cache
         else:
             other += sum(size(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+    return {"packed": packed, "float": other, "total": packed + other}
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def memory_estimate(path, device="cpu", dtype: torch.dtype | None = None, cache_dequantized: bool = False) -> dict[str, int]:
+    """What `memory_bytes(load(path, device, dtype, cache_dequantized))` will report, from the
+    safetensors headers and the architecture on the meta device: nothing is read or allocated.
+    (The opt-in float cache is counted as it will be after one forward.)"""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, device = Path(path), torch.device(device)
+    qconfig = gptq_config(path)
+    dtype = dtype or default_dtype(device)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    keep_float16 = _embedding_weight_names(model) if _float16_storage(device, dtype, cache_dequantized) else set()
+    float_size = torch.empty((), dtype=dtype).element_size()
+    packed = other = 0
+    for file in _weight_files(path):
+        if file.suffix != ".safetensors":
+            raise ArtifactError(f"{file}: memory estimates read safetensors headers only")
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                numel, stored = math.prod(piece.get_shape()), piece.get_dtype()
+                if name.rpartition(".")[2] in _LAYER_TENSORS and f"{name.rpartition('.')[0]}.qweight" in f.keys():
+                    packed += numel * _SAFETENSORS_BYTES[stored]
+                    if name.endswith(".qweight") and cache_dequantized:  # the float copy of W
+                        other += numel * 32 // qconfig["bits"] * float_size
+                elif stored in ("F16", "BF16", "F32", "F64"):
+                    other += numel * (2 if name in keep_float16 else float_size)
+                else:
+                    other += numel * _SAFETENSORS_BYTES[stored]
     return {"packed": packed, "float": other, "total": packed + other}
 
 

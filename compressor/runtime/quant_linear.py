@@ -114,7 +114,12 @@ class QuantLinear(nn.Module):
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = None if self.cache_dequantized else _KERNELS.get("cpu" if x.is_cpu else x.device.type)
+        if self.cache_dequantized:
+            kernel = None
+        else:
+            if self._dequantized is not None:  # the flag was switched off after a cached call
+                self._dequantized = None
+            kernel = _KERNELS.get("cpu" if x.is_cpu else x.device.type)
         if kernel is not None:
             out = kernel(self, x)
             if out is not None:

@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnx")
 
 
-def load_for_serving(path: str, device: str = "auto", backend: str = "auto", key: str = "ARTIFACT"):
+def load_for_serving(path: str, device: str = "auto", backend: str = "auto", key: str = "ARTIFACT", dtype: str = "auto",
+                     cache_dequantized: bool = False):  # fmt: skip
     """(model, tokenizer): an ONNX artifact through onnxruntime (`backend` auto or onnx), a GPTQ
-    artifact through compressor.runtime (its kernels), else any model source (torch)."""
+    artifact through compressor.runtime (its kernels; `dtype`, `cache_dequantized` as in
+    models.load_any), else any model source (torch)."""
     from compressor.models import load_any
     from compressor.runtime import onnx as onnx_runtime
 
@@ -43,7 +45,7 @@ def load_for_serving(path: str, device: str = "auto", backend: str = "auto", key
     if backend == "torch" and is_onnx:
         raise UserError(f"{key} {path}: an ONNX artifact runs only on the onnx backend (--backend onnx or auto); "
                         "serve the GPTQ artifact it was exported from for torch")  # fmt: skip
-    return load_any(path, device, key=key)
+    return load_any(path, device, key=key, dtype=dtype, cache_dequantized=cache_dequantized)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -61,16 +63,21 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def build(artifact: str, device: str = "auto", draft: str | None = None, served_model_name: str | None = None,
-          shutdown_timeout: float | None = 60.0, backend: str = "auto", start_engine: bool = True, **engine_options):  # fmt: skip
-    """(app, engine): load the model (and draft), start the engine (unless told not to), wrap it in the FastAPI app."""
+          shutdown_timeout: float | None = 60.0, backend: str = "auto", start_engine: bool = True, dtype: str = "auto",
+          cache_dequantized: bool = False, **engine_options):  # fmt: skip
+    """(app, engine): load the model (and draft), start the engine (unless told not to), wrap it in the FastAPI app.
+    `dtype` and `cache_dequantized` apply to the model and the draft (models.load_any)."""
     from compressor.serve.api import create_app
     from compressor.serve.onnx_backend import is_onnx_model
 
-    model, tokenizer = load_for_serving(artifact, device, backend)
+    model, tokenizer = load_for_serving(artifact, device, backend, dtype=dtype, cache_dequantized=cache_dequantized)
     draft_model = None
     if draft is not None:  # the draft runs on the served model's backend
         draft_backend = "onnx" if is_onnx_model(model) else "torch"
-        draft_model, draft_tokenizer = load_for_serving(draft, device, draft_backend, key="--draft")
+        from compressor.runtime import is_gptq_artifact
+
+        draft_model, draft_tokenizer = load_for_serving(draft, device, draft_backend, key="--draft", dtype=dtype,
+                                                        cache_dequantized=cache_dequantized and is_gptq_artifact(draft))  # fmt: skip
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"--draft {draft}: its tokenizer differs from {artifact}'s; a draft must share the tokenizer")
     options = {k: v for k, v in engine_options.items() if v is not None}
@@ -86,12 +93,13 @@ def build(artifact: str, device: str = "auto", draft: str | None = None, served_
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", draft: str | None = None,
           served_model_name: str | None = None, shutdown_timeout: float = 60.0, log_level: str = "info",
-          backend: str = "auto", **engine_options) -> None:  # fmt: skip
+          backend: str = "auto", dtype: str = "auto", cache_dequantized: bool = False, **engine_options) -> None:  # fmt: skip
     """Serve until SIGINT/SIGTERM; SIGTERM stops admitting (503) and finishes in-flight requests first."""
     import uvicorn
 
     sock = _bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
-    app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, backend, start_engine=False, **engine_options)
+    app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, backend, start_engine=False, dtype=dtype,
+                        cache_dequantized=cache_dequantized, **engine_options)  # fmt: skip
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
