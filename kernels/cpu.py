@@ -6,8 +6,8 @@ group_size: plain GPTQ and act-order with static groups); a permuted g_idx (dyna
 gets a row-sorted copy of qweight once, and x's columns are gathered per call, as on CUDA. It
 returns None (the caller dequantizes + F.linear) for what the kernels do not cover, logging each
 reason once: 2/3-bit codes, shapes the kernels cannot tile, a CPU without AVX2, no C compiler,
-and batches of more than MAX_ROWS rows (a prefill or a perplexity window, where one
-dequantization per call is cheap next to a float GEMM over many rows).
+and more than MAX_ROWS rows (a long prefill or a perplexity window, where one dequantization
+per call is cheap next to a float GEMM over that many rows).
 
 Activations of any float dtype are computed in float32 (the kernels' arithmetic) and returned in
 their own dtype.
@@ -29,9 +29,12 @@ from compressor.packing import infer_group_size, pack_along_rows, unpack_along_r
 log = logging.getLogger(__name__)
 
 KERNEL_BITS = (4, 8)
-# Rows of x up to which the kernels beat dequantize + float32 GEMM on every SmolLM2 shape
-# (benchmarks/cpu_runtime.py --kernels; above it the dequantization is amortized over the rows).
-MAX_ROWS = 32
+# Rows of x up to which the kernels run. Measured on SmolLM2's shapes (2 AVX2 cores): the kernels
+# beat dequantize + float32 GEMM up to a few hundred rows (576x576, M = 256: 1.6 vs 5.0 ms; lm_head
+# M = 128: 49 vs 87 ms) and lose on 2048-token windows (13.7 vs 9.4 ms). 512 also keeps every
+# step of `compress serve` (prefill chunk 256 + 32 decoding rows) on the kernels, whose per-row
+# results do not depend on the batch: served and `generate` outputs agree.
+MAX_ROWS = 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,8 +211,84 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     """QuantLinear's CPU kernel: the output, or None to fall back to dequantize + F.linear."""
     if not available():
         return None
+    fused = module.__dict__.get("_cpu_fused")
+    if fused is not None:
+        if module._buffers["qweight"] is fused[2]:
+            return fused[0].forward(fused[1], x)
+        del module._cpu_fused  # the buffers were replaced (.to(), load_state_dict): the layer stands alone again
     weight = cpu_weight(module)
     return None if weight is None else quant_linear(x, weight)
+
+
+class FusedLinears:
+    """Linears that read the same input (q/k/v; gate/up), multiplied in one kernel call.
+
+    Their buffers are concatenated along N once; each member's buffers become views of the
+    concatenation, so nothing is held twice. The first member called with an input computes
+    every member's output and keeps the others' until they ask for them with the same input
+    tensor (same object, same version): transformers calls q_proj, k_proj, v_proj back to back
+    on one hidden state. Any other order or input just computes again, so results never depend
+    on the call pattern. Saves per token 3 of 7 calls per Llama block (each costs ~20 us of
+    Python and thread start-up on top of the kernel) and runs the kernel on wider N.
+    """
+
+    def __init__(self, modules: list, weight: CpuQuantWeight):
+        self.modules, self.weight = modules, weight
+        self.splits = [m.out_features for m in modules]
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._pending: set[int] = set()
+
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        if index in self._pending and self._input is x and _version(x) == self._version:
+            self._pending.discard(index)
+            out = self._outputs[index]
+            if not self._pending:
+                self._input, self._outputs = None, ()
+            return out
+        y = quant_linear(x, self.weight)
+        if y is None:
+            return None
+        self._outputs = y.split(self.splits, dim=-1)
+        self._input, self._version = x, _version(x)
+        self._pending = set(range(len(self.splits))) - {index}
+        return self._outputs[index]
+
+
+def _version(x: torch.Tensor) -> int:
+    """x's in-place modification counter (-1 for inference-mode tensors, which keep none)."""
+    return -1 if x.is_inference() else x._version
+
+
+def fuse(modules: list) -> FusedLinears | None:
+    """Fuse CPU QuantLinears that read the same input (same K, bits, group layout and g_idx, all
+    with or all without bias); None if they cannot be (logged at debug level)."""
+    first = modules[0]
+    compatible = all(
+        m.in_features == first.in_features and m.bits == first.bits and m.qweight.device.type == "cpu"
+        and (m.bias is None) == (first.bias is None) and m.scales.shape[0] == first.scales.shape[0]
+        and torch.equal(m.g_idx, first.g_idx)
+        for m in modules
+    )  # fmt: skip
+    if len(modules) < 2 or not compatible or not available():
+        return None
+    names = ["qweight", "qzeros", "scales"] + (["bias"] if first.bias is not None else [])
+    fused = {name: torch.cat([getattr(m, name) for m in modules], dim=-1) for name in names}
+    try:
+        weight = prepare_gptq_v1(fused["qweight"], fused["qzeros"], fused["scales"], first.g_idx, first.bits, fused.get("bias"))
+    except Unsupported as exc:
+        log.debug("not fusing %d linears: %s", len(modules), exc)
+        return None
+    group = FusedLinears(modules, weight)
+    total, offset = sum(group.splits), 0
+    for index, m in enumerate(modules):  # members' buffers become views of the fused tensors
+        for name in names:
+            columns = fused[name].shape[-1]  # N, or N*bits/32 for qzeros
+            setattr(m, name, fused[name][..., offset * columns // total : (offset + m.out_features) * columns // total])
+        m._cpu_fused = (group, index, m._buffers["qweight"])
+        offset += m.out_features
+    return group
 
 
 def prepare_layers(layers: list) -> dict[str, int]:
@@ -220,6 +299,7 @@ def prepare_layers(layers: list) -> dict[str, int]:
         counts["fallback"] = len(layers)
         return counts
     for layer in layers:
-        counts["kernel" if cpu_weight(layer) is not None else "fallback"] += 1
+        ready = "_cpu_fused" in layer.__dict__ or cpu_weight(layer) is not None  # fused members share the group's weight
+        counts["kernel" if ready else "fallback"] += 1
     log.info("CPU kernels: %d linear layers read packed, %d on dequantize + F.linear", counts["kernel"], counts["fallback"])
     return counts

@@ -330,6 +330,25 @@ def memory_estimate(path, device="cpu", dtype: torch.dtype | None = None, cache_
     return {"packed": packed, "float": other, "total": packed + other}
 
 
+def _fuse_shared_input_linears(model) -> None:
+    """On CPU, linears of a block that read the same input (architectures.py's linear groups:
+    q/k/v, gate/up) run as one kernel call (compressor.kernels.cpu.FusedLinears)."""
+    from compressor.architectures import ARCHITECTURES
+    from compressor.kernels import cpu
+
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if arch is None:
+        return
+    fused = 0
+    for block in arch.block_list(model):
+        for names in arch.linear_groups:
+            members = [block.get_submodule(name) for name in names]
+            if len(members) > 1 and all(isinstance(m, QuantLinear) for m in members) and cpu.fuse(members) is not None:
+                fused += 1
+    if fused:
+        log.info("CPU kernels: %d groups of linears that share an input run as one call each", fused)
+
+
 def _resident_set_bytes() -> int:
     import psutil
 
@@ -403,6 +422,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
             from compressor.kernels.ops import prepare_layers
         else:
             from compressor.kernels.cpu import prepare_layers
+
+            _fuse_shared_input_linears(model)
         prepare_layers(layers)
     held = memory_bytes(model)
     log.info(
