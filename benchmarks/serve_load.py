@@ -15,6 +15,11 @@ the same requests one at a time (--max-batch-size 1), and compare:
 
 The one-at-a-time run can use a subset of the requests (--sequential-requests) to save time:
 tokens/s of a server that runs one request at a time does not depend on how many are queued.
+
+Or compare two ways of running the same artifact, both batched, in one run (the second server
+gets the --baseline-arg arguments), e.g. the CPU kernels against the float cache:
+    python benchmarks/serve_load.py --artifact runs/smollm2-w4g64 --clients 32 --max-tokens 64 \\
+        --baseline-arg=--cache-dequantized --json benchmarks/results/serve_load_cpu_kernels.json
 """
 
 from __future__ import annotations
@@ -199,6 +204,8 @@ def main() -> None:
     ap.add_argument("--sequential-requests", type=int, default=None, help="Requests for the one-at-a-time run (default: --clients)")
     ap.add_argument("--max-model-len", type=int, default=512, help="Passed to compress serve (KV cache size)")
     ap.add_argument("--serve-arg", action="append", default=[], help="Extra `compress serve` argument (repeatable), e.g. --serve-arg=--draft=PATH")
+    ap.add_argument("--baseline-arg", action="append", default=[],
+                    help="With --artifact: also serve batched with these extra arguments (repeatable) and compare, e.g. --baseline-arg=--cache-dequantized")  # fmt: skip
     ap.add_argument("--json", type=Path, help="Write the results here")
     args = ap.parse_args()
 
@@ -214,6 +221,12 @@ def main() -> None:
             model = args.model or server.model()
             asyncio.run(run_load(server.url, model, 2, 4))  # warm-up (first-call allocations)
             rows.append(("continuous batching", asyncio.run(run_load(server.url, model, args.clients, args.max_tokens))))
+        if args.baseline_arg:
+            with Server(args.artifact, [*batched, *args.baseline_arg], log_dir / "serve_load_baseline.log") as server:
+                model = args.model or server.model()
+                asyncio.run(run_load(server.url, model, 2, 4))
+                rows.append((f"continuous batching, {' '.join(args.baseline_arg)}",
+                             asyncio.run(run_load(server.url, model, args.clients, args.max_tokens))))  # fmt: skip
         if args.compare:
             single = ["--max-batch-size", "1", "--max-queue", str(4 * args.clients), *common]
             with Server(args.artifact, single, log_dir / "serve_load_single.log") as server:
@@ -227,11 +240,16 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "runs": {name: r for name, r in rows},
     }
-    if len(rows) == 2:
-        result["speedup"] = rows[0][1]["tokens_per_s"] / rows[1][1]["tokens_per_s"]
+    by_name = dict(rows)
+    if "one at a time" in by_name:
+        result["speedup"] = rows[0][1]["tokens_per_s"] / by_name["one at a time"]["tokens_per_s"]
+    if args.baseline_arg:
+        result["speedup_over_baseline"] = rows[0][1]["tokens_per_s"] / rows[1][1]["tokens_per_s"]
     print(markdown(rows))
     if "speedup" in result:
         print(f"\ncontinuous batching / one at a time: {result['speedup']:.2f}x aggregate tokens/s")
+    if "speedup_over_baseline" in result:
+        print(f"\ncontinuous batching / {rows[1][0]}: {result['speedup_over_baseline']:.2f}x aggregate tokens/s")
     if args.json:
         write_json(args.json, result)
     if any(r["errors"] for _, r in rows):
