@@ -213,9 +213,12 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     fused = module.__dict__.get("_cpu_fused")
     if fused is not None:
-        if module._buffers["qweight"] is fused[2]:
+        # Valid while the module holds the views fuse() installed (in-place changes to them reach
+        # the fused tensors) and g_idx, which fixed the layout, is unchanged.
+        buffers = module._buffers
+        if all(buffers.get(name) is t for name, t in zip(_KEY_BUFFERS, fused[2])) and _version(fused[2][3]) == fused[3]:
             return fused[0].forward(fused[1], x)
-        del module._cpu_fused  # the buffers were replaced (.to(), load_state_dict): the layer stands alone again
+        del module._cpu_fused  # a buffer was replaced (.to(), load_state_dict, assignment): the layer stands alone again
     weight = cpu_weight(module)
     return None if weight is None else quant_linear(x, weight)
 
@@ -283,10 +286,11 @@ def fuse(modules: list) -> FusedLinears | None:
     group = FusedLinears(modules, weight)
     total, offset = sum(group.splits), 0
     for index, m in enumerate(modules):  # members' buffers become views of the fused tensors
+        m.g_idx = m.g_idx.clone()  # a fresh copy like the rest, not the caller's (possibly file-backed) tensor
         for name in names:
             columns = fused[name].shape[-1]  # N, or N*bits/32 for qzeros
             setattr(m, name, fused[name][..., offset * columns // total : (offset + m.out_features) * columns // total])
-        m._cpu_fused = (group, index, m._buffers["qweight"])
+        m._cpu_fused = (group, index, tuple(map(m._buffers.get, _KEY_BUFFERS)), _version(m.g_idx))
         offset += m.out_features
     return group
 

@@ -379,10 +379,13 @@ def test_kernel_hook_takes_over_and_falls_back():
         calls.append(module)
         return None if len(calls) > 1 else torch.zeros(2, 32)
 
+    from compressor.runtime.quant_linear import _KERNELS
+
+    registered = _KERNELS.get("cpu")  # the CPU kernels' hook: put back afterwards
     runtime.register_kernel("cpu", kernel)
     try:
         assert torch.equal(layer(x), torch.zeros(2, 32))  # the kernel's answer
         assert torch.allclose(layer(x), x @ qw.dequantize().T, rtol=1e-5, atol=1e-5)  # declined: fallback
     finally:
-        runtime.register_kernel("cpu", None)
+        runtime.register_kernel("cpu", registered)
     assert calls == [layer, layer]

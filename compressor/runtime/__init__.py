@@ -140,25 +140,50 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of `files`, in memory of this process.
-
-    safetensors maps the file and hands out tensors backed by the mapping; they are copied here so
-    the model never reads the file lazily: a file rewritten under a running server cannot change
-    or fault its weights, and (measured on the benchmark machine) the CPU kernels stream
-    file-backed pages at about half the speed of the process's own memory.
-    """
+    """Every tensor of `files`. safetensors maps the file: its tensors read the file's pages
+    lazily (`load` copies what it keeps: `_copy_file_backed`)."""
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                tensors.update((name, t.clone()) for name, t in load_file(file).items())
+                tensors.update(load_file(file))
             else:
                 tensors.update(torch.load(file, map_location="cpu", weights_only=True))
         except Exception as exc:  # corrupted headers, truncated files, pickles with code
             raise ArtifactError(f"{file}: unreadable weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     return tensors
+
+
+def _storage_ranges(tensors) -> list[tuple[int, int]]:
+    """[start, end) addresses of the storages behind `tensors`."""
+    spans = {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in (t.untyped_storage() for t in tensors)}
+    return sorted(spans)
+
+
+def _copy_file_backed(model, file_ranges: list[tuple[int, int]]) -> None:
+    """Give every parameter and buffer still backed by the mapped checkpoint files a copy in this
+    process's memory. Then the model never reads the files lazily: a file rewritten under a
+    running server cannot change or fault its weights, and (measured on the benchmark machine)
+    the CPU kernels stream file-backed pages at about half the speed of the process's own memory.
+    Tensors already copied on the way (dtype casts, fused linears) are left alone, so nothing is
+    copied twice."""
+    copies: dict[int, torch.Tensor] = {}  # data_ptr -> copy: tied weights stay tied
+
+    def own(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not any(lo <= t.data_ptr() < hi for lo, hi in file_ranges):
+            return t
+        if t.data_ptr() not in copies:
+            copies[t.data_ptr()] = t.detach().clone()
+        return copies[t.data_ptr()]
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and own(p) is not p:
+                module._parameters[name] = nn.Parameter(own(p), requires_grad=False)
+        for name, b in module._buffers.items():
+            module._buffers[name] = own(b)
 
 
 @contextmanager
@@ -385,6 +410,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # plain architecture; our QuantLinear does the dequantizing
     tensors = _read_tensors(_weight_files(path))
+    file_ranges = _storage_ranges(tensors.values())
 
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -416,15 +442,15 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if device.type == "cpu" and not cache_dequantized:
+        _fuse_shared_input_linears(model)  # copies the fused groups' buffers out of the files
+    _copy_file_backed(model, file_ranges)
     if not cache_dequantized:  # prepare every layer for the kernels now rather than on the first forward
         if device.type == "cuda":
             from compressor.kernels.ops import prepare_layers
         else:
             from compressor.kernels.cpu import prepare_layers
-
-            _fuse_shared_input_linears(model)
-        prepare_layers(layers)
+        prepare_layers([m for m in model.modules() if isinstance(m, QuantLinear)])
     held = memory_bytes(model)
     log.info(
         "loaded %s on %s (%s): %.1f MB held (packed linears %.1f MB, float tensors %.1f MB%s); process RSS +%.1f MB",
