@@ -124,7 +124,7 @@ def main() -> None:
         results.append(measure(f"onnxruntime CPU (MatMulNBits accuracy_level {level})", onnx_engine(model, ids.numpy()),
                                args.new_tokens, args.repeats))  # fmt: skip
         del model
-    ours = runtime.load(artifact)
+    ours = runtime.load(artifact, cache_dequantized=True)  # the float path (benchmarks/cpu_runtime.py times the CPU kernels)
     results.append(measure("compressor PyTorch runtime (cached dequant)", torch_engine(ours, ids), args.new_tokens, args.repeats))
     del ours
     dense = load_model(resolve_source(args.dense), torch.float32).eval()
@@ -147,7 +147,7 @@ def main() -> None:
     # Logit agreement: one uncached forward over the prompt + the PyTorch runtime's greedy tokens.
     seq = np.concatenate([ids.numpy(), np.array([reference], dtype=np.int64)], axis=1)
     with torch.inference_mode():
-        expected = runtime.load(artifact)(torch.from_numpy(seq)).logits.float().numpy()
+        expected = runtime.load(artifact, cache_dequantized=True)(torch.from_numpy(seq)).logits.float().numpy()
     logit_diff = {level: float(np.abs(onnx_runtime.load(d, threads=args.threads).logits(seq) - expected).max())
                   for level, d in onnx_dirs.items()}  # fmt: skip
     print(f"\nmax |logit difference| to the PyTorch runtime over {seq.shape[1]} positions (largest |logit| "

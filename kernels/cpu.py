@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ def quant_linear(x: torch.Tensor, weight: CpuQuantWeight) -> torch.Tensor | None
     x2 = _rows(x)
     if weight.perm is not None:
         x2 = x2.index_select(-1, weight.perm)
-    y = torch.empty(shape[:-1] + (n,), dtype=torch.float32)
+    y = torch.empty((*shape[:-1], n), dtype=torch.float32)
     if _quant_linear_fn()(layer, x2.data_ptr(), y.data_ptr(), m, torch.get_num_threads()):
         raise RuntimeError(f"cq_cpu_quant_linear rejected its arguments (m={m}, n={n}, k={k}, bits={weight.bits}, group={weight.group_size})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -215,8 +216,7 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     if fused is not None:
         # Valid while the module holds the views fuse() installed (in-place changes to them reach
         # the fused tensors) and g_idx, which fixed the layout, is unchanged.
-        buffers = module._buffers
-        if all(buffers.get(name) is t for name, t in zip(_KEY_BUFFERS, fused[2])) and _version(fused[2][3]) == fused[3]:
+        if all(map(operator.is_, map(module._buffers.get, _KEY_BUFFERS), fused[2])) and _version(fused[2][3]) == fused[3]:
             return fused[0].forward(fused[1], x)
         del module._cpu_fused  # a buffer was replaced (.to(), load_state_dict, assignment): the layer stands alone again
     weight = cpu_weight(module)
@@ -238,25 +238,25 @@ class FusedLinears:
     def __init__(self, modules: list, weight: CpuQuantWeight):
         self.modules, self.weight = modules, weight
         self.splits = [m.out_features for m in modules]
+        self.offsets = [sum(self.splits[:i]) for i in range(len(modules))]
         self._input: torch.Tensor | None = None
         self._version = -1
-        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._output: torch.Tensor | None = None
         self._pending: set[int] = set()
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         if index in self._pending and self._input is x and _version(x) == self._version:
             self._pending.discard(index)
-            out = self._outputs[index]
+            out = self._output.narrow(-1, self.offsets[index], self.splits[index])
             if not self._pending:
-                self._input, self._outputs = None, ()
+                self._input = self._output = None
             return out
         y = quant_linear(x, self.weight)
         if y is None:
             return None
-        self._outputs = y.split(self.splits, dim=-1)
-        self._input, self._version = x, _version(x)
+        self._input, self._version, self._output = x, _version(x), y
         self._pending = set(range(len(self.splits))) - {index}
-        return self._outputs[index]
+        return y.narrow(-1, self.offsets[index], self.splits[index])
 
 
 def _version(x: torch.Tensor) -> int:
