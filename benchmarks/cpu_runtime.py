@@ -252,6 +252,52 @@ def perplexities(args) -> list[dict]:
     return results
 
 
+# ------------------------------------------------------------------ where a token's time goes
+def breakdown(args, ids: torch.Tensor) -> dict:
+    """Per decoded token on the default path: time inside the C quant kernel, inside QuantLinear
+    calls (the kernel plus our Python around it), inside lm_head, and the rest (transformers'
+    forward and its torch ops), from perf_counter timers wrapped around those calls."""
+    from compressor import runtime
+    from compressor.kernels import cpu
+    from compressor.runtime.quant_linear import QuantLinear
+
+    model = runtime.load(args.artifact)
+    spent = {"C quant kernel": 0.0, "QuantLinear calls": 0.0, "lm_head": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        return wrapper
+
+    kernel_fn, call, head = cpu._quant_linear_fn, QuantLinear.__call__, model.lm_head.forward
+    kernel = kernel_fn()
+    cpu._quant_linear_fn = lambda: timed(kernel, "C quant kernel")
+    QuantLinear.__call__ = timed(call, "QuantLinear calls")
+    model.lm_head.forward = timed(head, "lm_head")
+    try:
+        prefill, step = onnx_decode.torch_engine(model, ids)
+        onnx_decode._timed_decode(prefill, step, 8)
+        spent.update(dict.fromkeys(spent, 0.0))
+        token, state = prefill()
+        spent.update(dict.fromkeys(spent, 0.0))  # decode steps only
+        start = time.perf_counter()
+        for _ in range(args.new_tokens - 1):
+            token, state = step(token, state)
+        total = time.perf_counter() - start
+    finally:
+        cpu._quant_linear_fn, QuantLinear.__call__ = kernel_fn, call
+    per_token = {k: 1000 * v / (args.new_tokens - 1) for k, v in spent.items()}
+    per_token["Python around the kernel (in QuantLinear calls)"] = per_token["QuantLinear calls"] - per_token["C quant kernel"]
+    per_token["everything else (transformers forward, torch ops)"] = 1000 * total / (args.new_tokens - 1) - per_token["QuantLinear calls"] - per_token["lm_head"]
+    per_token["total"] = 1000 * total / (args.new_tokens - 1)
+    return per_token
+
+
 # ------------------------------------------------------------------ kernel micro-benchmark
 def _per_call_seconds(fn, copies: list, seconds: float) -> float:
     """Median over 3 blocks of the mean time per call. Calls cycle through the copies without
@@ -297,6 +343,9 @@ def kernel_benchmark(args) -> list[dict]:
                 times = {
                     "quant_linear": _per_call_seconds(lambda w: cpu.quant_linear(x, w), prepared, args.kernel_seconds),
                     "dense": _per_call_seconds(lambda w: F.linear(x, w), dense, args.kernel_seconds),
+                    # what the runtime does past MAX_ROWS rows: W dequantized in C for the call, then F.linear
+                    "c_dequant_linear": _per_call_seconds(lambda w: F.linear(x, cpu.dequantize(w)), prepared, args.kernel_seconds),
+                    # the old uncached path (dequantize_gptq_v1 in torch ops)
                     "dequant_linear": _per_call_seconds(
                         lambda p: F.linear(x, dequantize_gptq_v1(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], 4, torch.float32)),
                         packed, args.kernel_seconds),  # fmt: skip
@@ -384,6 +433,7 @@ def main() -> None:
     parser.add_argument("--ppl-seq-len", type=int, default=2048,
                         help="Perplexity window (2048: README protocol; 512: every layer on the CPU kernels, MAX_ROWS).")  # fmt: skip
     parser.add_argument("--kernels", action="store_true", help="Also the quant_linear micro-benchmark.")
+    parser.add_argument("--breakdown", action="store_true", help="Also where a decoded token's time goes on the default path.")
     parser.add_argument("--kernel-shapes", default=KERNEL_SHAPES, help="Comma-separated NxK (out x in features).")
     parser.add_argument("--kernel-m", default=KERNEL_M, help="Comma-separated rows of x.")
     parser.add_argument("--kernel-working-set-mb", type=int, default=96, help="Bytes of weight copies rotated per kind (L3 is 32 MB).")
@@ -447,17 +497,29 @@ def main() -> None:
             print(f"| {r['engine']} | {r['perplexity']:.4f} | {r['relative_to_old_path_percent']:+.3f}% |")
         report["perplexity"] = ppl
 
+    if args.breakdown:
+        start = time.perf_counter()
+        report["breakdown_ms_per_token"] = parts = breakdown(args, ids)
+        report["section_seconds"]["breakdown"] = time.perf_counter() - start
+        print(f"\nwhere a decoded token's time goes (default path, batch 1, {args.new_tokens - 1} steps; timers around the calls)\n")
+        print("| part | ms per token |")
+        print("|---|---:|")
+        for part in ("C quant kernel", "Python around the kernel (in QuantLinear calls)", "lm_head",
+                     "everything else (transformers forward, torch ops)", "total"):  # fmt: skip
+            print(f"| {part} | {parts[part]:.2f} |")
+
     if args.kernels:
         start = time.perf_counter()
         kernels = kernel_benchmark(args)
         report["section_seconds"]["kernels"] = time.perf_counter() - start
         print(f"\nquant_linear (4-bit g64 sym) vs float32 F.linear, {args.threads} threads, weights rotated over "
               f">= {args.kernel_working_set_mb} MB of copies per kind; microseconds per call\n")  # fmt: skip
-        print("| N x K | M | quant_linear us | dense fp32 us | dequantize + F.linear us | quant_linear vs dense | dequant+linear vs dense |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| N x K | M | quant_linear (kernel) us | dense fp32 F.linear us | C dequantize + F.linear us | torch dequantize + F.linear us "
+              "| kernel vs dense | C dequant + linear vs dense |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in kernels:
-            print(f"| {r['n']} x {r['k']} | {r['m']} | {r['quant_linear_us']:.1f} | {r['dense_us']:.1f} | {r['dequant_linear_us']:.1f} | "
-                  f"{r['dense_us'] / r['quant_linear_us']:.2f}x | {r['dense_us'] / r['dequant_linear_us']:.2f}x |")  # fmt: skip
+            print(f"| {r['n']} x {r['k']} | {r['m']} | {r['quant_linear_us']:.1f} | {r['dense_us']:.1f} | {r['c_dequant_linear_us']:.1f} | "
+                  f"{r['dequant_linear_us']:.1f} | {r['dense_us'] / r['quant_linear_us']:.2f}x | {r['dense_us'] / r['c_dequant_linear_us']:.2f}x |")  # fmt: skip
         report["kernels"] = kernels
 
     write_json(args.json, report)

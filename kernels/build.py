@@ -213,4 +213,5 @@ def load_cpu_library() -> ctypes.CDLL:
         raise KernelUnavailable(f"{path}: cannot load ({exc})") from None
     lib.cq_cpu_quant_linear.argtypes, lib.cq_cpu_quant_linear.restype = _CPU_QUANT_ARGS, _CINT
     lib.cq_cpu_half_linear.argtypes, lib.cq_cpu_half_linear.restype = _CPU_HALF_ARGS, _CINT
+    lib.cq_cpu_dequantize.argtypes, lib.cq_cpu_dequantize.restype = [ctypes.POINTER(CpuQuantLayer), _POINTER, _CINT], _CINT
     return lib

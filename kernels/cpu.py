@@ -5,9 +5,10 @@ buffers as they are (no repack, no copy) when the layer's groups are contiguous 
 group_size: plain GPTQ and act-order with static groups); a permuted g_idx (dynamic act-order)
 gets a row-sorted copy of qweight once, and x's columns are gathered per call, as on CUDA. It
 returns None (the caller dequantizes + F.linear) for what the kernels do not cover, logging each
-reason once: 2/3-bit codes, shapes the kernels cannot tile, a CPU without AVX2, no C compiler,
-and more than MAX_ROWS rows (a long prefill or a perplexity window, where one dequantization
-per call is cheap next to a float GEMM over that many rows).
+reason once: 2/3-bit codes, shapes the kernels cannot tile, a CPU without AVX2, no C compiler.
+Calls with more than MAX_ROWS rows (a long prefill, a perplexity window) dequantize W in C for
+that call and run float32 F.linear on it: one dequantization is cheap next to a GEMM over that
+many rows.
 
 Activations of any float dtype are computed in float32 (the kernels' arithmetic) and returned in
 their own dtype.
@@ -22,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from compressor.kernels import build
 from compressor.kernels.repack import Unsupported, act_order_permutation
 
@@ -30,11 +32,13 @@ from compressor.packing import infer_group_size, pack_along_rows, unpack_along_r
 log = logging.getLogger(__name__)
 
 KERNEL_BITS = (4, 8)
-# Rows of x up to which the kernels run. Measured on SmolLM2's shapes (2 AVX2 cores): the kernels
-# beat dequantize + float32 GEMM up to a few hundred rows (576x576, M = 256: 1.6 vs 5.0 ms; lm_head
-# M = 128: 49 vs 87 ms) and lose on 2048-token windows (13.7 vs 9.4 ms). 512 also keeps every
-# step of `compress serve` (prefill chunk 256 + 32 decoding rows) on the kernels, whose per-row
-# results do not depend on the batch: served and `generate` outputs agree.
+# Rows of x up to which the kernels run; above, W is dequantized for the call (in C) and F.linear
+# runs on it. Measured on SmolLM2's and Llama-7B's shapes (benchmarks/cpu_runtime.py --kernels,
+# 2 AVX2 cores): the kernels beat float32 F.linear up to 32-64 rows and reach ~0.7x of it at 256
+# (a float GEMM reuses each weight across more rows). 512 keeps every step of `compress serve`
+# (prefill chunk 256 + 32 decoding rows) on the kernels, whose per-row results do not depend on
+# the batch, so served and `generate` outputs agree; perplexity windows (2048) and long prefills
+# take the dequantize path.
 MAX_ROWS = 512
 
 
@@ -97,11 +101,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def quant_linear(x: torch.Tensor, weight: CpuQuantWeight) -> torch.Tensor | None:
-    """x [..., K] @ W + bias -> [..., N] in x's dtype; None when x has more than MAX_ROWS rows.
+def quant_linear(x: torch.Tensor, weight: CpuQuantWeight) -> torch.Tensor:
+    """x [..., K] @ W + bias -> [..., N] in x's dtype, computed in float32.
 
-    The hot path of every decoded token (hundreds of calls per token): one contiguity check, one
-    output allocation, one C call with five arguments.
+    Up to MAX_ROWS rows: the kernel. The hot path of every decoded token (hundreds of calls per
+    token): one contiguity check, one output allocation, one C call with five arguments. More
+    rows: W dequantized by the C routine into a float32 matrix for this call only, then F.linear
+    (the values and layout of dequantize_gptq_v1, so this is the float model's arithmetic).
     """
     layer = weight.layer
     k, n = layer.k, layer.n
@@ -109,15 +115,24 @@ def quant_linear(x: torch.Tensor, weight: CpuQuantWeight) -> torch.Tensor | None
     if shape[-1] != k or not x.is_cpu:
         raise ValueError(f"x ({tuple(shape)} on {x.device}) must be [..., {k}] on the CPU")
     m = x.numel() // k
-    if m > MAX_ROWS:
-        return None
     x2 = _rows(x)
     if weight.perm is not None:
         x2 = x2.index_select(-1, weight.perm)
+    if m > MAX_ROWS:
+        y = F.linear(x2, dequantize(weight), weight.bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     y = torch.empty((*shape[:-1], n), dtype=torch.float32)
     if _quant_linear_fn()(layer, x2.data_ptr(), y.data_ptr(), m, torch.get_num_threads()):
         raise RuntimeError(f"cq_cpu_quant_linear rejected its arguments (m={m}, n={n}, k={k}, bits={weight.bits}, group={weight.group_size})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def dequantize(weight: CpuQuantWeight) -> torch.Tensor:
+    """W as float32 [N, K] (rows of K in the prepared order: sorted by group under act-order)."""
+    w = torch.empty(weight.layer.n, weight.layer.k, dtype=torch.float32)
+    if build.load_cpu_library().cq_cpu_dequantize(weight.layer, w.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError(f"cq_cpu_dequantize rejected its arguments (n={weight.layer.n}, k={weight.layer.k}, bits={weight.bits})")
+    return w
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -244,7 +259,7 @@ class FusedLinears:
         self._output: torch.Tensor | None = None
         self._pending: set[int] = set()
 
-    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index in self._pending and self._input is x and _version(x) == self._version:
             self._pending.discard(index)
             out = self._output.narrow(-1, self.offsets[index], self.splits[index])
@@ -252,8 +267,6 @@ class FusedLinears:
                 self._input = self._output = None
             return out
         y = quant_linear(x, self.weight)
-        if y is None:
-            return None
         self._input, self._version, self._output = x, _version(x), y
         self._pending = set(range(len(self.splits))) - {index}
         return y.narrow(-1, self.offsets[index], self.splits[index])

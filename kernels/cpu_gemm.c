@@ -211,6 +211,37 @@ int cq_cpu_quant_linear(const cq_quant_layer* layer, const float* x, float* y, i
     return CQ_OK;
 }
 
+// W as float32 [n, k] (nn.Linear layout): w[c, kk] = scales[g, c] * (q[kk, c] - zero[g, c]), the
+// exact values dequantize_gptq_v1 gives (a small integer times an fp16 scale is exact in float32),
+// for F.linear when a call has more rows than the kernels are worth running for. Threads split
+// blocks of 16 columns, each reading a 64-byte line of every qweight row once.
+int cq_cpu_dequantize(const cq_quant_layer* layer, float* w, int threads) {
+    const int64_t n = layer->n, k = layer->k;
+    const int bits = layer->bits, group_size = layer->group_size;
+    if ((bits != 4 && bits != 8) || n % 8 || group_size <= 0 || k % group_size || group_size % (32 / bits) || threads < 1)
+        return CQ_BAD_ARGUMENT;
+    const int P = 32 / bits;
+    const int64_t words = k / P, zero_words = n * bits / 32;
+    const int32_t mask = (1 << bits) - 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < n; n0 += 16) {
+        const int64_t width = n - n0 < 16 ? n - n0 : 16;
+        for (int64_t r = 0; r < words; r++) {
+            const int64_t g = r * P / group_size;
+            const int32_t* row = layer->qweight + r * n + n0;
+            for (int64_t c = 0; c < width; c++) {
+                const int64_t col = n0 + c;
+                const int32_t zword = layer->qzeros[g * zero_words + col * bits / 32];
+                const int32_t zero = ((zword >> (bits * (col % P))) & mask) + 1;
+                const float scale = _cvtsh_ss(layer->scales[g * n + col]);
+                float* out = w + col * k + r * P;
+                for (int j = 0; j < P; j++) out[j] = (float)((int32_t)(((uint32_t)row[c] >> (bits * j)) & (uint32_t)mask) - zero) * scale;
+            }
+        }
+    }
+    return CQ_OK;
+}
+
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

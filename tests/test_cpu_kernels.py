@@ -26,6 +26,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from compressor.kernels import build, cpu
 from compressor.kernels.repack import Unsupported
 from torch import nn
@@ -189,8 +190,9 @@ def test_row_limit_and_input_checks():
     x = torch.randn(cpu.MAX_ROWS, k)
     y = cpu.quant_linear(x, weight)  # exactly MAX_ROWS: still the kernel
     assert y is not None and max_relative_error(y, reference(t, 4, x, True)) <= tolerance(32)
-    assert cpu.quant_linear(torch.randn(cpu.MAX_ROWS + 1, k), weight) is None
-    assert cpu.quant_linear(torch.randn(1, cpu.MAX_ROWS + 1, k), weight) is None  # rows counted over all leading dims
+    for long in (torch.randn(cpu.MAX_ROWS + 1, k), torch.randn(1, cpu.MAX_ROWS + 1, k)):  # rows over all leading dims
+        # past MAX_ROWS: W dequantized in C for the call, then F.linear: the float model's values
+        assert max_relative_error(cpu.quant_linear(long, weight), reference(t, 4, long, True)) <= FLOAT32_TOLERANCE
     wide = torch.randn(k, 3)  # a transposed (non-contiguous) input
     error = max_relative_error(cpu.quant_linear(wide.T, weight), reference(t, 4, wide.T, True))
     assert error <= tolerance(32)
@@ -293,11 +295,19 @@ def test_each_reason_is_logged_once(caplog):
 
 
 @needs_kernels
-def test_long_inputs_fall_back_to_the_reference():
-    module = quant_module(24, 64, 4, 32, act_order=True)
+def test_long_inputs_run_on_a_dequantized_weight():
+    """Past MAX_ROWS the C dequantization + F.linear: for static groups bitwise the float model's
+    F.linear (same values, same layout), for act-order the same up to summation order."""
     x = torch.randn(cpu.MAX_ROWS + 1, 64)
-    assert cpu.quant_linear_forward(module, x) is None
-    assert max_relative_error(module(x), module_reference(module, x)) <= FLOAT32_TOLERANCE
+    for act_order in (False, True):
+        module = quant_module(24, 64, 4, 32, act_order=act_order)
+        out = cpu.quant_linear_forward(module, x)
+        expected = F.linear(x, dequantize_gptq_v1(module.qweight, module.qzeros, module.scales, module.g_idx, 4, torch.float32),
+                            None if module.bias is None else module.bias.float())  # fmt: skip
+        if act_order:
+            assert max_relative_error(out, expected) <= FLOAT32_TOLERANCE
+        else:
+            assert torch.equal(out, expected)
 
 
 @needs_kernels
