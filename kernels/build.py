@@ -20,6 +20,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -43,6 +44,36 @@ CPU_LIBRARY_NAME = "libcompressor_cpu_kernels.so"
 
 class KernelUnavailable(RuntimeError):
     """The kernels cannot be built or loaded here (no nvcc, compile error, old GPU, ...)."""
+
+
+def switched_on(variable: str) -> bool:
+    """False when the environment variable `variable` is 0, false, no or off (the kernels' off switches)."""
+    return os.environ.get(variable, "1") not in ("0", "false", "no", "off")
+
+
+class Fallbacks:
+    """For a QuantLinear hook: whether its library loads here (tried once, the reason kept), and
+    each reason to fall back logged once."""
+
+    def __init__(self, log: logging.Logger, load: Callable[[], object]):
+        self.log, self._load = log, load
+        self.logged: set[str] = set()
+        self.unavailable: str | None = None  # None: not tried yet; "": loads
+
+    def note(self, message: str) -> None:
+        if message not in self.logged:
+            self.logged.add(message)
+            self.log.warning(message)
+
+    def library_reason(self) -> str:
+        """Why the library cannot be used here ("" when it can); loads it on the first call."""
+        if self.unavailable is None:
+            try:
+                self._load()
+                self.unavailable = ""
+            except KernelUnavailable as exc:
+                self.unavailable = str(exc)
+        return self.unavailable
 
 
 def find_nvcc() -> str | None:

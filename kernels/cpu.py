@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import operator
-import os
 from dataclasses import dataclass
 
 import torch
@@ -165,36 +164,22 @@ def _quant_linear_fn():
 
 # --- QuantLinear hook -------------------------------------------------------------------------
 
-_logged: set[str] = set()
-_unavailable: str | None = None  # why the library cannot be used here, once known
-
-
-def _log_once(message: str, level: int = logging.WARNING) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        log.log(level, message)
+_fallbacks = build.Fallbacks(log, build.load_cpu_library)
 
 
 def enabled() -> bool:
     """COMPRESSOR_CPU_KERNELS=0 turns the kernels off (QuantLinear then dequantizes + F.linear)."""
-    return os.environ.get("COMPRESSOR_CPU_KERNELS", "1") not in ("0", "false", "no", "off")
+    return build.switched_on("COMPRESSOR_CPU_KERNELS")
 
 
 def available() -> bool:
     """Whether the kernels run on this machine (builds the library on first call); logs why not, once."""
-    global _unavailable
     if not enabled():
         return False
-    if _unavailable is None:
-        try:
-            build.load_cpu_library()
-            _unavailable = ""
-        except build.KernelUnavailable as exc:
-            _unavailable = str(exc)
-    if _unavailable:
-        _log_once(f"CPU kernels unavailable, using dequantize + F.linear: {_unavailable}")
-        return False
-    return True
+    reason = _fallbacks.library_reason()
+    if reason:
+        _fallbacks.note(f"CPU kernels unavailable, using dequantize + F.linear: {reason}")
+    return not reason
 
 
 _KEY_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -211,7 +196,7 @@ def cpu_weight(module) -> CpuQuantWeight | None:
     try:
         weight = prepare_gptq_v1(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits, module.bias)
     except Unsupported as exc:
-        _log_once(f"QuantLinear {module.in_features}->{module.out_features} {module.bits}-bit: {exc}; using dequantize + F.linear")
+        _fallbacks.note(f"QuantLinear {module.in_features}->{module.out_features} {module.bits}-bit: {exc}; using dequantize + F.linear")
         weight = None
     module._cpu_weight = (tensors, versions, weight)
     return weight

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 
 import torch
@@ -154,38 +153,24 @@ def linear(
 
 # --- QuantLinear hook -------------------------------------------------------------------------
 
-_logged: set[str] = set()
-_unavailable: str | None = None  # why the library cannot be used on this machine, once known
-
-
-def _log_once(message: str, level: int = logging.WARNING) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        log.log(level, message)
+_fallbacks = build.Fallbacks(log, build.load_library)
 
 
 def enabled() -> bool:
     """COMPRESSOR_CUDA_KERNELS=0 turns the kernels off (QuantLinear then dequantizes + cuBLAS)."""
-    return os.environ.get("COMPRESSOR_CUDA_KERNELS", "1") not in ("0", "false", "no", "off")
+    return build.switched_on("COMPRESSOR_CUDA_KERNELS")
 
 
 def library_available(device: torch.device) -> bool:
     """Whether the kernels can run on `device` (builds the library on first call); logs why not, once."""
-    global _unavailable
     (major, minor), _, name = _device_info(_index(device))
     if major < 8:
-        _log_once(f"CUDA kernels need compute capability >= 8.0 ({name} is {major}.{minor}); using dequantize + cuBLAS")
+        _fallbacks.note(f"CUDA kernels need compute capability >= 8.0 ({name} is {major}.{minor}); using dequantize + cuBLAS")
         return False
-    if _unavailable is None:
-        try:
-            build.load_library()
-            _unavailable = ""
-        except build.KernelUnavailable as exc:
-            _unavailable = str(exc)
-    if _unavailable:
-        _log_once(f"CUDA kernels unavailable, using dequantize + cuBLAS: {_unavailable}")
-        return False
-    return True
+    reason = _fallbacks.library_reason()
+    if reason:
+        _fallbacks.note(f"CUDA kernels unavailable, using dequantize + cuBLAS: {reason}")
+    return not reason
 
 
 def _buffer_key(module) -> tuple:
@@ -201,7 +186,7 @@ def packed_weight(module) -> PackedLinear | None:
     try:
         packed = repack_gptq_v1(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits)
     except Unsupported as exc:
-        _log_once(f"QuantLinear {module.in_features}->{module.out_features} {module.bits}-bit: {exc}; using dequantize + cuBLAS")
+        _fallbacks.note(f"QuantLinear {module.in_features}->{module.out_features} {module.bits}-bit: {exc}; using dequantize + cuBLAS")
         packed = None
     module._cuda_packed = (key, packed)
     return packed
@@ -212,7 +197,7 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     if not enabled():
         return None
     if x.dtype not in _DTYPES:
-        _log_once(f"CUDA kernels take float16/bfloat16 activations, got {x.dtype}; using dequantize + cuBLAS")
+        _fallbacks.note(f"CUDA kernels take float16/bfloat16 activations, got {x.dtype}; using dequantize + cuBLAS")
         return None
     if not library_available(x.device):
         return None

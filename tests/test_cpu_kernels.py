@@ -68,7 +68,7 @@ def fresh_hook_state(monkeypatch):
     """The QuantLinear CPU hook registered (another test module may have removed it) and the
     log-once memory empty, so each test sees its own messages."""
     monkeypatch.setitem(_KERNELS, "cpu", cpu.quant_linear_forward)
-    monkeypatch.setattr(cpu, "_logged", set())
+    monkeypatch.setattr(cpu._fallbacks, "logged", set())
     monkeypatch.delenv("COMPRESSOR_CPU_KERNELS", raising=False)
 
 
