@@ -1,9 +1,11 @@
-"""CUDA dequant-GEMM kernels for GPTQ v1 weights (4- and 8-bit), used by QuantLinear on CUDA.
+"""Dequant-GEMM kernels for GPTQ v1 weights (4- and 8-bit), used by QuantLinear on CUDA and on CPUs.
 
-    build.py   nvcc -> cached shared library, loaded with ctypes on first use
-    repack.py  load-time repack into the kernels' tile layout; CPU emulator of the kernels
-    ops.py     the torch-facing op (`linear`), M-based dispatch, the QuantLinear hook
-    common.h, gemv.cu (M <= 8), mma.cu (tensor cores, M > 8): the kernels, layout in common.h
+    build.py       nvcc / the C compiler -> cached shared libraries, loaded with ctypes on first use
+    repack.py      CUDA: load-time repack into the kernels' tile layout; CPU emulator of the kernels
+    ops.py         CUDA: the torch-facing op (`linear`), M-based dispatch, the QuantLinear hook
+    common.h, gemv.cu (M <= 8), mma.cu (tensor cores, M > 8): the CUDA kernels, layout in common.h
+    cpu.py         CPU: the QuantLinear hook, fused q/k/v and gate/up, the float16-weight linear
+    cpu_gemm.c     CPU: AVX2 kernels reading GPTQ v1 buffers as stored (layout and tricks at its top)
 
 Nothing here is compiled or loaded at import time.
 """
