@@ -602,3 +602,21 @@ def test_smollm2_load_and_forward_stay_near_the_artifact_size(tmp_path, smollm2_
     if not rss["available"]:
         pytest.fail("the CPU kernels were not available in the measuring interpreter")
     assert rss["growth"] < 1.3 * weights
+
+
+def test_hooks_still_run_on_quant_linear():
+    """QuantLinear skips nn.Module's hook dispatch only while no hook is registered."""
+    module = quant_module(24, 64, 4, 32, act_order=False)
+    x = torch.randn(2, 64)
+    seen = []
+    handle = module.register_forward_hook(lambda m, inputs, output: seen.append(output.shape))
+    module(x)
+    handle.remove()
+    module(x)
+    assert seen == [torch.Size([2, 24])]
+    global_handle = torch.nn.modules.module.register_module_forward_hook(lambda m, inputs, output: seen.append("global"))
+    try:
+        module(x)
+    finally:
+        global_handle.remove()
+    assert seen[-1] == "global"

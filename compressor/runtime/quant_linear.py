@@ -35,11 +35,13 @@ def register_kernel(device_type: str, kernel: Kernel | None) -> None:
         _KERNELS[device_type] = kernel
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called")  # fmt: skip
+
+
 def _has_global_module_hooks() -> bool:
-    return bool(
-        torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
-        or torch_module._global_backward_pre_hooks or torch_module._global_forward_hooks_always_called
-    )  # fmt: skip
+    """Whether any nn.Module-wide hook is registered (torch's private registries; absent ones count as empty)."""
+    return any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS)
 
 
 class QuantLinear(nn.Module):
