@@ -180,8 +180,9 @@ def _copy_file_backed(model, file_ranges: list[tuple[int, int]]) -> None:
 
     for module in model.modules():
         for name, p in module._parameters.items():
-            if p is not None and own(p) is not p:
-                module._parameters[name] = nn.Parameter(own(p), requires_grad=False)
+            copy = own(p)
+            if copy is not p:
+                module._parameters[name] = nn.Parameter(copy, requires_grad=False)
         for name, b in module._buffers.items():
             module._buffers[name] = own(b)
 
@@ -247,6 +248,20 @@ def _install_quant_linears(model, tensors: dict, bits: int, group_size, cache_de
             )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)
+
+
+def _plain_config(path: Path):
+    """The artifact's config without its quantization_config: the plain architecture, whose
+    quantized linears QuantLinear replaces."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path}/config.json: {str(exc).splitlines()[0][:300]}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 def default_dtype(device) -> torch.dtype:
@@ -324,16 +339,13 @@ def memory_estimate(path, device="cpu", dtype: torch.dtype | None = None, cache_
     safetensors headers and the architecture on the meta device: nothing is read or allocated.
     (The opt-in float cache is counted as it will be after one forward.)"""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path, device = Path(path), torch.device(device)
     qconfig = gptq_config(path)
     dtype = dtype or default_dtype(device)
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(_plain_config(path), dtype=dtype)
     keep_float16 = _embedding_weight_names(model) if _float16_storage(device, dtype, cache_dequantized) else set()
     float_size = torch.empty((), dtype=dtype).element_size()
     packed = other = 0
@@ -341,10 +353,12 @@ def memory_estimate(path, device="cpu", dtype: torch.dtype | None = None, cache_
         if file.suffix != ".safetensors":
             raise ArtifactError(f"{file}: memory estimates read safetensors headers only")
         with safe_open(file, "pt") as f:
-            for name in f.keys():
+            names = set(f.keys())
+            for name in names:
                 piece = f.get_slice(name)
                 numel, stored = math.prod(piece.get_shape()), piece.get_dtype()
-                if name.rpartition(".")[2] in _LAYER_TENSORS and f"{name.rpartition('.')[0]}.qweight" in f.keys():
+                prefix, _, kind = name.rpartition(".")
+                if kind in _LAYER_TENSORS and f"{prefix}.qweight" in names:
                     packed += numel * _SAFETENSORS_BYTES[stored]
                     if name.endswith(".qweight") and cache_dequantized:  # the float copy of W
                         other += numel * 32 // qconfig["bits"] * float_size
@@ -389,7 +403,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     `cache_dequantized=True` opts in to a float model instead (QuantLinear). With `verify`, a
     manifest.json present is checked first. Logs the bytes held and the process's RSS growth.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     if not path.is_dir():
@@ -403,12 +417,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     dtype = dtype or default_dtype(device)
     rss_before = _resident_set_bytes()
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ArtifactError(f"{path}/config.json: {str(exc).splitlines()[0][:300]}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # plain architecture; our QuantLinear does the dequantizing
+    config = _plain_config(path)
     tensors = _read_tensors(_weight_files(path))
     file_ranges = _storage_ranges(tensors.values())
 
