@@ -319,7 +319,7 @@ def _per_call_seconds(fn, copies: list, seconds: float) -> float:
 def kernel_benchmark(args) -> list[dict]:
     from compressor.algorithms.quant import rtn_quantize
     from compressor.kernels import cpu
-    from compressor.packing import dequantize_gptq_v1, pack_gptq_v1
+    from compressor.packing import dequantize_gptq_v1, pack_gptq_v1, unpack_along_rows, unpack_qzeros_v1
 
     shapes = [tuple(map(int, s.split("x"))) for s in args.kernel_shapes.split(",")]
     ms = [int(m) for m in args.kernel_m.split(",")]
@@ -336,6 +336,12 @@ def kernel_benchmark(args) -> list[dict]:
             # streams >= working_set bytes of each kind: one shape's weights alone fit in L3.
             packed = [{name: t[name].clone() for name in names} for _ in range(math.ceil(working_set / packed_bytes))]
             prepared = [cpu.prepare_gptq_v1(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], 4) for p in packed]
+            # torch's own packed-int4 CPU matmul on the same codes: w = (q - 8) * scale + zero, zero = scale * (8 - z)
+            codes = unpack_along_rows(t["qweight"], 4, k).T.contiguous()
+            scale, zero = t["scales"].float(), unpack_qzeros_v1(t["qzeros"], 4, n).float()
+            int4 = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), torch.stack([scale, scale * (8 - zero)], -1).to(dtype))
+                    for dtype in (torch.bfloat16, torch.float32) for _ in range(len(packed))]  # fmt: skip
+            int4_bf16, int4_fp32 = int4[: len(packed)], int4[len(packed) :]
             dense = [weight.clone() for _ in range(math.ceil(working_set / weight.nbytes))]
             del weight
             for m in ms:
@@ -345,6 +351,12 @@ def kernel_benchmark(args) -> list[dict]:
                     "dense": _per_call_seconds(lambda w: F.linear(x, w), dense, args.kernel_seconds),
                     # what the runtime does past MAX_ROWS rows: W dequantized in C for the call, then F.linear
                     "c_dequant_linear": _per_call_seconds(lambda w: F.linear(x, cpu.dequantize(w)), prepared, args.kernel_seconds),
+                    "torch_int4_bf16": _per_call_seconds(
+                        lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), w[0], 64, w[1]), int4_bf16, args.kernel_seconds),
+                    # float32 activations: far slower, timed for small M only
+                    "torch_int4_fp32": _per_call_seconds(
+                        lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 64, w[1]), int4_fp32, args.kernel_seconds)
+                    if m <= 16 else float("nan"),
                     # the old uncached path (dequantize_gptq_v1 in torch ops)
                     "dequant_linear": _per_call_seconds(
                         lambda p: F.linear(x, dequantize_gptq_v1(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], 4, torch.float32)),
@@ -353,7 +365,7 @@ def kernel_benchmark(args) -> list[dict]:
                 results.append({"n": n, "k": k, "m": m, "packed_copies": len(packed), "dense_copies": len(dense),
                                 **{f"{name}_us": 1e6 * s for name, s in times.items()}})  # fmt: skip
                 print(f"kernels {n}x{k} M={m}: " + ", ".join(f"{a} {1e6 * s:.1f} us" for a, s in times.items()), file=sys.stderr)
-            del packed, prepared, dense
+            del packed, prepared, dense, int4, int4_bf16, int4_fp32
             gc.collect()
     finally:
         cpu.MAX_ROWS = max_rows
@@ -515,11 +527,13 @@ def main() -> None:
         print(f"\nquant_linear (4-bit g64 sym) vs float32 F.linear, {args.threads} threads, weights rotated over "
               f">= {args.kernel_working_set_mb} MB of copies per kind; microseconds per call\n")  # fmt: skip
         print("| N x K | M | quant_linear (kernel) us | dense fp32 F.linear us | C dequantize + F.linear us | torch dequantize + F.linear us "
-              "| kernel vs dense | C dequant + linear vs dense |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| torch int4pack bf16 us | torch int4pack fp32 us | kernel vs dense | C dequant + linear vs dense | torch int4 bf16 vs dense |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in kernels:
             print(f"| {r['n']} x {r['k']} | {r['m']} | {r['quant_linear_us']:.1f} | {r['dense_us']:.1f} | {r['c_dequant_linear_us']:.1f} | "
-                  f"{r['dequant_linear_us']:.1f} | {r['dense_us'] / r['quant_linear_us']:.2f}x | {r['dense_us'] / r['c_dequant_linear_us']:.2f}x |")  # fmt: skip
+                  f"{r['dequant_linear_us']:.1f} | {r['torch_int4_bf16_us']:.1f} | {r['torch_int4_fp32_us']:.1f} | "
+                  f"{r['dense_us'] / r['quant_linear_us']:.2f}x | {r['dense_us'] / r['c_dequant_linear_us']:.2f}x | "
+                  f"{r['dense_us'] / r['torch_int4_bf16_us']:.2f}x |")  # fmt: skip
         report["kernels"] = kernels
 
     write_json(args.json, report)

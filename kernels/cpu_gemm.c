@@ -1,9 +1,9 @@
 // CPU matmuls that read weights in their stored form: GPTQ v1 packed codes, or float16.
 //
 // Why our own: on an AVX2 CPU (no AVX512-BF16/AMX) torch's packed-int4 matmul
-// (_weight_int4pack_mm_for_cpu) decodes ~4 GB/s of packed weight in bfloat16 and is ~10x slower
-// than dense in float32, so a 4-bit model decodes only ~1.6x faster than the float32 model. A
-// batch-1 decode step is a stream of matrix-vector products whose weights come from DRAM once per
+// (_weight_int4pack_mm_for_cpu) needs bfloat16 activations to be fast (with float32 ones it is
+// 4-7x slower than dense), its layout is CPU-specific (a repack), and at M = 1 these kernels are
+// 1.25-2x faster than it (benchmarks/cpu_runtime.py --kernels). A batch-1 decode step is a stream of matrix-vector products whose weights come from DRAM once per
 // token: the speed limit is memory bandwidth, and 4-bit codes are 1/8 of the float32 bytes. These
 // kernels decode the codes in registers and accumulate in float32, reading each weight byte once.
 //

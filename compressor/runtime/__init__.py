@@ -165,9 +165,7 @@ def _storage_ranges(tensors) -> list[tuple[int, int]]:
 def _copy_file_backed(model, file_ranges: list[tuple[int, int]]) -> None:
     """Give every parameter and buffer still backed by the mapped checkpoint files a copy in this
     process's memory. Then the model never reads the files lazily: a file rewritten under a
-    running server cannot change or fault its weights, and (measured on the benchmark machine)
-    the CPU kernels stream file-backed pages at about half the speed of the process's own memory.
-    Tensors already copied on the way (dtype casts, fused linears) are left alone, so nothing is
+    running server cannot change or fault its weights. Tensors already copied on the way (dtype casts, fused linears) are left alone, so nothing is
     copied twice."""
     copies: dict[int, torch.Tensor] = {}  # data_ptr -> copy: tied weights stay tied
 
