@@ -33,6 +33,8 @@ class Architecture:
     attention_projections: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")  # in `attention`
     mlp: str = "mlp"  # block-relative path of the gated MLP
     mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # in `mlp`
+    # The CPU decode step (compressor/serve/cpu_step.py) reads these RMSNorm weights.
+    block_norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")  # before attention, before the MLP
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

@@ -227,11 +227,10 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
     """Print a completion of PROMPT by MODEL_OR_ARTIFACT (greedy unless --temperature > 0).
 
     MODEL_OR_ARTIFACT may also be an ONNX artifact (`compress export --format onnx`), run by onnxruntime.
+    The completion runs through `compress serve`'s engine, so greedy outputs are the server's.
     """
-    import torch
-
     from compressor.models import load_any
-    from compressor.runtime.onnx import OnnxCausalLM
+    from compressor.serve import complete
 
     model, tokenizer = load_any(model_or_artifact, device, dtype=dtype, cache_dequantized=cache_dequantized)
     if chat:
@@ -240,18 +239,8 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
-    if isinstance(model, OnnxCausalLM):
-        ids = tokenizer(text, return_tensors="np", add_special_tokens=not chat).input_ids
-        out = model.generate(ids, max_new_tokens, temperature=temperature, seed=seed)
-    else:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).input_ids.to(next(model.parameters()).device)
-        torch.manual_seed(seed)
-        sample = temperature > 0
-        out = model.generate(
-            ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-            top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )  # fmt: skip
-    completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    ids = tokenizer(text, add_special_tokens=not chat).input_ids
+    completion = tokenizer.decode(complete(model, tokenizer, ids, max_new_tokens, temperature, seed), skip_special_tokens=True)
     click.echo(completion if chat else prompt + completion)
 
 

@@ -1,6 +1,6 @@
 """Build the kernels into plain shared libraries on first use and load them with ctypes.
 
-Two libraries: the CUDA kernels (gemv.cu, mma.cu; nvcc) and the CPU kernels (cpu_gemm.c; the
+Two libraries: the CUDA kernels (gemv.cu, mma.cu; nvcc) and the CPU kernels (cpu_gemm.c, cpu_decode.c; the
 system C compiler, AVX2/FMA/F16C + OpenMP).
 
 Why not a torch C++/CUDA extension: those compile against torch's headers and ABI (minutes per
@@ -35,7 +35,7 @@ DEFAULT_ARCHS = ("80", "90")  # A100, H100/H200; compute_90 PTX is embedded too 
 BASE_FLAGS = ("-std=c++17", "-O3", "--threads", "0", "-Xcompiler", "-fPIC")
 LIBRARY_NAME = "libcompressor_kernels.so"
 
-CPU_SOURCES = ("cpu_gemm.c",)
+CPU_SOURCES = ("cpu_gemm.c", "cpu_decode.c")
 # -mavx2/-mfma/-mf16c: the kernels' instruction set (checked at run time before loading);
 # -fopenmp links libgomp.so.1 by soname, which resolves to the copy torch has loaded (one pool).
 CPU_FLAGS = ("-std=c11", "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
@@ -230,6 +230,20 @@ _CPU_QUANT_ARGS = [ctypes.POINTER(CpuQuantLayer), _POINTER, _POINTER, _INT64, _C
 # w, bias, x, y, m, n, k, threads
 _CPU_HALF_ARGS = [_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, _INT64, _CINT]
 
+_FLOAT = ctypes.c_float
+# cpu_decode.c: the operations between a decode step's matmuls (argument names in the C source)
+_CPU_DECODE_ARGS = {
+    # h, delta, weight, y, rows, dim, h_stride, y_stride, eps
+    "cq_cpu_add_rms_norm": [_POINTER] * 4 + [_INT64] * 4 + [_FLOAT],
+    # qkv, qkv_stride, rows, heads, kv_heads, head_dim, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slots,
+    # positions, slots_total, capacity
+    "cq_cpu_rope_store": [_POINTER] + [_INT64] * 5 + [_POINTER] * 4 + [_FLOAT] + [_POINTER] * 4 + [_INT64] * 2,
+    # q, q_stride, rows, heads, kv_heads, head_dim, k_cache, v_cache, slots, positions, slots_total, capacity, scale, out, threads
+    "cq_cpu_attention": [_POINTER] + [_INT64] * 5 + [_POINTER] * 4 + [_INT64] * 2 + [_FLOAT, _POINTER, _CINT],
+    # gate_up, rows, n, out
+    "cq_cpu_silu_mul": [_POINTER, _INT64, _INT64, _POINTER],
+}
+
 
 @functools.cache
 def load_cpu_library() -> ctypes.CDLL:
@@ -245,4 +259,7 @@ def load_cpu_library() -> ctypes.CDLL:
     lib.cq_cpu_quant_linear.argtypes, lib.cq_cpu_quant_linear.restype = _CPU_QUANT_ARGS, _CINT
     lib.cq_cpu_half_linear.argtypes, lib.cq_cpu_half_linear.restype = _CPU_HALF_ARGS, _CINT
     lib.cq_cpu_dequantize.argtypes, lib.cq_cpu_dequantize.restype = [ctypes.POINTER(CpuQuantLayer), _POINTER, _CINT], _CINT
+    for name, args in _CPU_DECODE_ARGS.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, _CINT
     return lib

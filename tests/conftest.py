@@ -54,8 +54,9 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
-def write_tiny_gptq_artifact(out, tokenizer, bits: int = 4, group_size: int = 32):
-    """A GPTQ artifact at `out` of a tiny random Llama, block linears RTN-quantized (symmetric).
+def write_tiny_gptq_artifact(out, tokenizer, bits: int = 4, group_size: int = 32, model=None):
+    """A GPTQ artifact at `out` of `model` (default: a tiny random Llama), block linears
+    RTN-quantized (symmetric).
 
     For tests of what consumes an artifact (export, load, serve): quantization quality is not
     the point, so round-to-nearest stands in for GPTQ and costs nothing.
@@ -63,7 +64,7 @@ def write_tiny_gptq_artifact(out, tokenizer, bits: int = 4, group_size: int = 32
     from compressor.algorithms.quant import rtn_quantize
     from compressor.export.gptq import gptq_quantization_config, write_gptq_checkpoint
 
-    model = make_tiny_llama(initializer_range=0.3)
+    model = make_tiny_llama(initializer_range=0.3) if model is None else model
     quantized = {}
     for name, linear in model.named_modules():
         if isinstance(linear, torch.nn.Linear) and ".layers." in name:

@@ -19,7 +19,7 @@ from compressor.errors import UserError
 from compressor.serve.engine import Engine, EngineConfig, default_max_model_len
 from compressor.serve.metrics import ServeMetrics
 
-__all__ = ["Engine", "EngineConfig", "load_for_serving", "serve"]
+__all__ = ["Engine", "EngineConfig", "complete", "load_for_serving", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,23 @@ def load_for_serving(path: str, device: str = "auto", backend: str = "auto", key
         raise UserError(f"{key} {path}: an ONNX artifact runs only on the onnx backend (--backend onnx or auto); "
                         "serve the GPTQ artifact it was exported from for torch")  # fmt: skip
     return load_any(path, device, key=key, dtype=dtype, cache_dequantized=cache_dequantized)
+
+
+def complete(model, tokenizer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[int]:
+    """Token ids of one completion of `prompt`, by the serving engine on the calling thread:
+    the server's forward (on CPU artifacts its decode step) and sampling, so greedy outputs are
+    exactly what `compress serve` returns for the same prompt. Stops at end-of-sequence."""
+    from compressor.serve.engine import _config
+    from compressor.serve.sampling import SamplingParams
+
+    total = len(prompt) + max_new_tokens
+    context = getattr(_config(model), "max_position_embeddings", None)
+    if context and total > context:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: the prompt's {len(prompt)} tokens + {max_new_tokens} new ones "
+                        f"exceed the model's context of {context} tokens")  # fmt: skip
+    engine = Engine(model, tokenizer, EngineConfig(max_model_len=total, max_batch_size=1, max_queue=1))
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return engine.generate(prompt, params)[0]
 
 
 def _bind(host: str, port: int) -> socket.socket:

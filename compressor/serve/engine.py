@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor.errors import UserError
+from compressor.serve.cpu_step import CpuDecodeStep
 from compressor.serve.kv_cache import SlotKVCache, attention_mask, kv_bytes_per_token
 from compressor.serve.metrics import ServeMetrics
 from compressor.serve.onnx_backend import OnnxModel, is_onnx_model, serving_config
@@ -126,9 +127,14 @@ class _Model:
         params = inspect.signature(self.decoder.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
         self.attn = self.model.config._attn_implementation
+        self.cpu_step = CpuDecodeStep.build(self.model, self.cache)  # None: every forward is transformers'
 
     def hidden(self, rows: list[tuple[int, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [B, S, H] for rows (slot, new tokens, position of the first), and the valid mask."""
+        if self.cpu_step is not None and all(len(tokens) == 1 for _, tokens, _ in rows):
+            ids = torch.tensor([tokens[0] for _, tokens, _ in rows])
+            hidden = self.cpu_step(ids, torch.tensor([start for _, _, start in rows]), torch.tensor([slot for slot, _, _ in rows]))
+            return hidden[:, None], torch.ones(len(rows), 1, dtype=torch.bool)
         width = max(len(tokens) for _, tokens, _ in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         positions = torch.zeros(len(rows), width, dtype=torch.long)
@@ -328,7 +334,8 @@ class Engine:
             self._thread.join()
 
     def generate(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
-        """(token ids, text, finish reason) of one request, blocking (tests and benchmarks)."""
+        """(token ids, text, finish reason) of one request, blocking. On an engine that was not
+        started (`compress generate`), the calling thread runs the loop until this request ends."""
         outputs: list[Output] = []
         done = threading.Event()
 
@@ -338,6 +345,10 @@ class Engine:
                 done.set()
 
         self.submit(prompt, params, sink)
+        if not self._started:
+            with torch.inference_mode():
+                while not done.is_set() and self._iteration(wait=False):
+                    pass
         done.wait()
         if outputs[-1].finish_reason == "error":
             raise RuntimeError(outputs[-1].error)
@@ -357,36 +368,43 @@ class Engine:
 
     def _serve_requests(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not (self._waiting or self._running or self._stop):
-                        self._cond.wait()
-                    if self._stop and not self._waiting and not self._running:
-                        break
-                    while self._waiting and self._free_slots:
-                        seq = self._waiting.popleft()
-                        if seq.cancelled:
-                            self._finish(seq, "abort")
-                            continue
-                        seq.slot = heapq.heappop(self._free_slots)
-                        self._running.append(seq)
-                    self._gauges()
-                for seq in [s for s in self._running if s.cancelled]:
-                    self._retire(seq, "abort")
-                if not self._running:
+            while self._iteration(wait=True):
+                pass
+
+    def _iteration(self, wait: bool) -> bool:
+        """Admit, step once, retire; False when the loop should end (stopped, or with wait=False idle)."""
+        with self._cond:
+            while not (self._waiting or self._running or self._stop):
+                if not wait:
+                    return False
+                self._cond.wait()
+            if self._stop and not self._waiting and not self._running:
+                return False
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    self._finish(seq, "abort")
                     continue
-                started = time.perf_counter()
-                try:
-                    self._step()
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    log.exception("engine step failed")
-                    for seq in list(self._running):
-                        self._retire(seq, "error", error=f"{type(exc).__name__}: {exc}")
-                for seq in [s for s in self._running if s.finish_reason]:
-                    self._retire(seq, seq.finish_reason)
-                self.steps += 1
-                if self.metrics:
-                    self.metrics.step_time.observe(time.perf_counter() - started)
+                seq.slot = heapq.heappop(self._free_slots)
+                self._running.append(seq)
+            self._gauges()
+        for seq in [s for s in self._running if s.cancelled]:
+            self._retire(seq, "abort")
+        if not self._running:
+            return True
+        started = time.perf_counter()
+        try:
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            log.exception("engine step failed")
+            for seq in list(self._running):
+                self._retire(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        for seq in [s for s in self._running if s.finish_reason]:
+            self._retire(seq, seq.finish_reason)
+        self.steps += 1
+        if self.metrics:
+            self.metrics.step_time.observe(time.perf_counter() - started)
+        return True
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         """Record the end of `seq`; tell its client unless the output already carried the reason."""
