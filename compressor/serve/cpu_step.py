@@ -1,40 +1,48 @@
-"""A Llama-family decode step on the CPU kernels, without transformers' forward.
+"""The serving engine's forward on the CPU kernels for Llama-family artifacts, without transformers.
 
-What it replaces: for a batch of sequences that each take one new token (every decode step of
-`compress serve` and `compress generate`), transformers' forward spends ~50 small torch ops per
-block (norms, rotary embedding, cache update, mask, attention, activation, residual adds) and
-its own dispatch around them: 11 ms of a 24 ms token on SmolLM2-135M, more than the 4-bit
-matmuls (benchmarks/cpu_runtime.py --breakdown). Here a block is eight C calls, all over every
-row of the batch at once:
+What it replaces: transformers' forward spends ~50 small torch ops per block (norms, rotary
+embedding, cache update, mask, attention, activation, residual adds) and its own dispatch around
+them: 11 ms of a 24 ms decoded token on SmolLM2-135M, more than the 4-bit matmuls
+(benchmarks/cpu_runtime.py --breakdown). Here every new token of the step (a decoding
+sequence's one token, a prompt chunk's tokens, speculative proposals under verification) is one
+row with its own slot and position, and a block is eight C calls over all rows at once:
 
     add_rms_norm   h += previous block's output; x = RMSNorm(h)           (kernels/cpu_decode.c)
     qkv            x @ [Wq Wk Wv] (one fused 4/8-bit matmul)              (kernels/cpu_gemm.c)
     rope_store     q, k rotated in place (after Qwen3's q/k norms); k, v written to the slot cache
-    attention      each query head over keys 0..position of its own slot
+    attention      each query head over keys 0..position of its own slot (the causal mask: every
+                   row's k/v are in the cache before any row attends)
     o              attention output @ Wo
     add_rms_norm   h += o; x = RMSNorm(h)
     gate_up        x @ [Wgate Wup]
     silu_mul       silu(gate) * up
     down           (next block's add_rms_norm adds it to h)
 
-It reads the model's own tensors (the packed weights the runtime loaded, the norms' weights, the
-rotary module's cos/sin, the embedding) and writes the engine's SlotKVCache, so a sequence can
-move between this step and transformers' forward (prefill, speculative verification) freely.
+Every row is computed on its own in a fixed order (the kernels' promise), so a token's result
+does not depend on the batch, on how its prompt was chunked or on speculation: `compress generate`
+(one request) and `compress serve` (many) give the same greedy tokens. It reads the model's own
+tensors (the packed weights the runtime loaded, the norms' weights, the rotary module's cos/sin,
+the embedding) and writes the engine's SlotKVCache.
 
-`CpuDecodeStep.build` returns None, with the reason, for anything else: a model not on the CPU
-or not float32, an architecture outside the table, linears that are not all on the CPU kernels
-(a dense model, 2/3-bit codes, `--cache-dequantized`), a cache that is not float32.
+`CpuStep.build` returns None, with the reason, for anything else (the engine then runs
+transformers' forward): a model not on the CPU or not float32, an architecture outside the
+table, linears that are not all on the CPU kernels (a dense model, 2/3-bit codes, dynamic
+act-order, `--cache-dequantized`), a cache that is not float32.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from compressor.architectures import architecture_of
 from compressor.errors import UserError
+
+if TYPE_CHECKING:
+    from compressor.kernels.cpu import CpuQuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +53,10 @@ class _Block:
     post_attention_norm: torch.Tensor
     q_norm: torch.Tensor | None  # float32 [head_dim] (Qwen3), else None
     k_norm: torch.Tensor | None
-    qkv: object  # kernels.cpu.CpuQuantWeight of q/k/v concatenated along N
-    o: object
-    gate_up: object
-    down: object
+    qkv: CpuQuantWeight  # q/k/v concatenated along N (the runtime's fused group)
+    o: CpuQuantWeight
+    gate_up: CpuQuantWeight
+    down: CpuQuantWeight
     keys: torch.Tensor  # the cache layer's [slots, kv_heads, capacity, head_dim]
     values: torch.Tensor
 
@@ -99,20 +107,21 @@ def _why_not(model, cache) -> str | None:
     return None
 
 
-class CpuDecodeStep:
-    """hidden = step(ids, positions, slots): one new token per row, final norm applied: [B, hidden]."""
+class CpuStep:
+    """hidden = step(ids, positions, slots): rows are tokens (1-D, each with its slot and position);
+    the final norm's output [rows, hidden]."""
 
     def __init__(self, model, cache, blocks: list[_Block]):
-        from compressor.kernels import build, cpu
+        from compressor.kernels import build
 
-        config = model.config
+        config, arch = model.config, architecture_of(model)
         self.lib = build.load_cpu_library()
-        self.quant_linear = cpu._quant_linear_fn()
+        self.quant_linear = build.load_cpu_library().cq_cpu_quant_linear  # (layer, x, y, m, threads), the kernel itself
         self.embed = model.get_input_embeddings()
         self.rotary = model.model.rotary_emb
-        self.final_norm = model.get_submodule(architecture_of(model).final_norm).weight.detach().float().contiguous()
+        self.final_norm = model.get_submodule(arch.final_norm).weight.detach().float().contiguous()
         self.blocks = blocks
-        attention = model.get_submodule(f"{architecture_of(model).blocks}.0.{architecture_of(model).attention}")
+        attention = model.get_submodule(f"{arch.blocks}.0.{arch.attention}")
         self.heads = config.num_attention_heads
         self.kv_heads, self.head_dim = cache.layers[0].keys.shape[1], cache.layers[0].keys.shape[3]
         self.scale = float(getattr(attention, "scaling", self.head_dim**-0.5))
@@ -121,7 +130,7 @@ class CpuDecodeStep:
         self.slots_total, self.capacity = cache.slots, cache.capacity
 
     @classmethod
-    def build(cls, model, cache) -> CpuDecodeStep | None:
+    def build(cls, model, cache) -> CpuStep | None:
         """The step for `model` writing `cache` (a SlotKVCache), or None (reason logged at info level)."""
         reason = _why_not(model, cache)
         blocks: list[_Block] = []
@@ -143,7 +152,7 @@ class CpuDecodeStep:
                 layer = cache.layers[i]
                 blocks.append(_Block(*norms, *head_norms, *weights, layer.keys, layer.values))
         if reason is not None:
-            log.info("decode steps run transformers' forward: %s", reason)
+            log.info("the engine runs transformers' forward: %s", reason)
             return None
         return cls(model, cache, blocks)
 
@@ -191,4 +200,4 @@ class CpuDecodeStep:
 
 def _check(code: int, what: str) -> None:
     if code:
-        raise RuntimeError(f"CPU decode step: {what} rejected its arguments (code {code})")
+        raise RuntimeError(f"CPU step: {what} rejected its arguments (code {code})")

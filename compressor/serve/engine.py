@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor.errors import UserError
-from compressor.serve.cpu_step import CpuDecodeStep
+from compressor.serve.cpu_step import CpuStep
 from compressor.serve.kv_cache import SlotKVCache, attention_mask, kv_bytes_per_token
 from compressor.serve.metrics import ServeMetrics
 from compressor.serve.onnx_backend import OnnxModel, is_onnx_model, serving_config
@@ -127,14 +127,12 @@ class _Model:
         params = inspect.signature(self.decoder.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
         self.attn = self.model.config._attn_implementation
-        self.cpu_step = CpuDecodeStep.build(self.model, self.cache)  # None: every forward is transformers'
+        self.cpu_step = CpuStep.build(self.model, self.cache)  # None: every forward is transformers'
 
     def hidden(self, rows: list[tuple[int, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [B, S, H] for rows (slot, new tokens, position of the first), and the valid mask."""
-        if self.cpu_step is not None and all(len(tokens) == 1 for _, tokens, _ in rows):
-            ids = torch.tensor([tokens[0] for _, tokens, _ in rows])
-            hidden = self.cpu_step(ids, torch.tensor([start for _, _, start in rows]), torch.tensor([slot for slot, _, _ in rows]))
-            return hidden[:, None], torch.ones(len(rows), 1, dtype=torch.bool)
+        if self.cpu_step is not None:
+            return self._hidden_on_cpu_step(rows)
         width = max(len(tokens) for _, tokens, _ in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         positions = torch.zeros(len(rows), width, dtype=torch.long)
@@ -151,6 +149,23 @@ class _Model:
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_kw: self.cache})
         return out.last_hidden_state, valid
 
+
+    def _hidden_on_cpu_step(self, rows: list[tuple[int, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden` by the CPU step: every new token is one row of the step (its slot, its position)."""
+        lengths = [len(tokens) for _, tokens, _ in rows]
+        ids = torch.tensor([t for _, tokens, _ in rows for t in tokens])
+        positions = torch.tensor([start + i for _, tokens, start in rows for i in range(len(tokens))])
+        slots = torch.tensor([slot for slot, tokens, _ in rows for _ in tokens])
+        flat = self.cpu_step(ids, positions, slots)
+        width = max(lengths)
+        if width == 1:
+            return flat[:, None], torch.ones(len(rows), 1, dtype=torch.bool)
+        hidden = flat.new_zeros(len(rows), width, flat.shape[-1])
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, chunk in enumerate(flat.split(lengths)):
+            hidden[i, : len(chunk)] = chunk
+            valid[i, : len(chunk)] = True
+        return hidden, valid
 
 
 def _last_logits(model: _Model | OnnxModel, rows) -> torch.Tensor:
