@@ -153,11 +153,11 @@ def llama_engine(llm, prompt_tokens: list[int]):
     return prefill, step
 
 
-def serving_target(model, capacity: int):
-    """The serving engine's wrapper of `model` (what `compress generate` and `compress serve` call), one slot."""
+def serving_target(model, capacity: int, slots: int = 1):
+    """The serving engine's wrapper of `model` (what `compress generate` and `compress serve` call)."""
     from compressor.serve.engine import _serving_model
 
-    return _serving_model(model, 1, capacity, next(model.parameters()).dtype, "cpu")
+    return _serving_model(model, slots, capacity, next(model.parameters()).dtype, "cpu")
 
 
 def serving_engine(target, ids: torch.Tensor):
@@ -284,7 +284,7 @@ def perplexities(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------ where a token's time goes
-BREAKDOWN_PARTS = ("4-bit matmuls (C)", "decode ops (C: norms, rotary + cache write, attention, silu)", "lm_head (C, float16 weights)",
+BREAKDOWN_PARTS = ("4-bit matmuls (C)", "other C calls of the step (norms, rotary + cache write, attention, silu)", "lm_head (C, float16 weights)",
                    "Python and torch around them (embedding, cos/sin, buffers, ctypes, engine wrapper)", "total")  # fmt: skip
 
 
@@ -309,34 +309,43 @@ def _timed(fn, spent: dict, part: str):
     return wrapper
 
 
-def breakdown(args, ids: torch.Tensor) -> dict:
-    """Per decoded token on the default path (the serving engine's CPU step, batch 1): time
+def breakdown(args, ids: torch.Tensor, batch: int) -> dict:
+    """Per decode step on the default path (the serving engine's CPU step) with `batch` sequences
+    decoding together (each read the prompt first; greedy, one token per sequence per step): time
     inside the 4-bit matmul calls, inside the other C calls of the step, inside lm_head, and the
-    rest, from perf_counter timers wrapped around those calls."""
+    rest, from perf_counter timers wrapped around those calls. Milliseconds per step."""
     from compressor import runtime
 
     model = runtime.load(args.artifact)
     matmuls, ops, head, rest, total = BREAKDOWN_PARTS
     spent = dict.fromkeys((matmuls, ops, head), 0.0)
     model.lm_head.forward = _timed(model.lm_head.forward, spent, head)
-    target = serving_target(model, ids.shape[1] + args.new_tokens + 8)
-    prefill, step = serving_engine(target, ids)
+    target = serving_target(model, ids.shape[1] + args.new_tokens + 8, slots=batch)
     cpu_step = target.cpu_step
     if cpu_step is None:
         raise SystemExit("--breakdown: the CPU step does not run here (see the log for why)")
     cpu_step.quant_linear = _timed(cpu_step.quant_linear, spent, matmuls)
     cpu_step.lib = _TimedLibrary(cpu_step.lib, spent, ops)
-    onnx_decode._timed_decode(prefill, step, 8)
-    token, state = prefill()
-    spent.update(dict.fromkeys(spent, 0.0))  # decode steps only
-    start = time.perf_counter()
-    for _ in range(args.new_tokens - 1):
-        token, state = step(token, state)
-    elapsed = time.perf_counter() - start
-    per_token = {k: 1000 * v / (args.new_tokens - 1) for k, v in spent.items()}
-    per_token[total] = 1000 * elapsed / (args.new_tokens - 1)
-    per_token[rest] = per_token[total] - sum(per_token[k] for k in (matmuls, ops, head))
-    return per_token
+    prompt = ids[0].tolist()
+
+    @torch.inference_mode()
+    def decode(steps: int) -> float:
+        hidden, valid = target.hidden([(slot, prompt, 0) for slot in range(batch)])
+        tokens = target.head(hidden[:, -1]).argmax(dim=-1).tolist()
+        spent.update(dict.fromkeys(spent, 0.0))  # decode steps only
+        start = time.perf_counter()
+        for i in range(steps):
+            hidden, _ = target.hidden([(slot, [token], len(prompt) + i) for slot, token in enumerate(tokens)])
+            tokens = target.head(hidden[:, 0]).argmax(dim=-1).tolist()
+        return time.perf_counter() - start
+
+    decode(8)  # warm-up
+    steps = args.new_tokens - 1
+    elapsed = decode(steps)
+    per_step = {k: 1000 * v / steps for k, v in spent.items()}
+    per_step[total] = 1000 * elapsed / steps
+    per_step[rest] = per_step[total] - sum(per_step[k] for k in (matmuls, ops, head))
+    return per_step
 
 
 # ------------------------------------------------------------------ kernel micro-benchmark
@@ -486,7 +495,8 @@ def main() -> None:
     parser.add_argument("--ppl-seq-len", type=int, default=2048,
                         help="Perplexity window (2048: README protocol; 512: every layer on the CPU kernels, MAX_ROWS).")  # fmt: skip
     parser.add_argument("--kernels", action="store_true", help="Also the quant_linear micro-benchmark.")
-    parser.add_argument("--breakdown", action="store_true", help="Also where a decoded token's time goes on the default path.")
+    parser.add_argument("--breakdown", action="store_true", help="Also where a decode step's time goes on the default path.")
+    parser.add_argument("--breakdown-batch", default="1,32", help="Comma-separated sequences decoding together, for --breakdown.")
     parser.add_argument("--kernel-shapes", default=KERNEL_SHAPES, help="Comma-separated NxK (out x in features).")
     parser.add_argument("--kernel-m", default=KERNEL_M, help="Comma-separated rows of x.")
     parser.add_argument("--kernel-working-set-mb", type=int, default=96, help="Bytes of weight copies rotated per kind (L3 is 32 MB).")
@@ -552,13 +562,15 @@ def main() -> None:
 
     if args.breakdown:
         start = time.perf_counter()
-        report["breakdown_ms_per_token"] = parts = breakdown(args, ids)
+        batches = [int(b) for b in args.breakdown_batch.split(",")]
+        report["breakdown_ms_per_step"] = {b: breakdown(args, ids, b) for b in batches}
         report["section_seconds"]["breakdown"] = time.perf_counter() - start
-        print(f"\nwhere a decoded token's time goes (default path, batch 1, {args.new_tokens - 1} steps; timers around the calls)\n")
-        print("| part | ms per token |")
-        print("|---|---:|")
+        print(f"\nwhere a decode step's time goes (default path, {args.new_tokens - 1} steps; timers around the calls)\n")
+        print("| part | " + " | ".join(f"ms per step, batch {b}" for b in batches) + " |")
+        print("|---|" + "---:|" * len(batches))
         for part in BREAKDOWN_PARTS:
-            print(f"| {part} | {parts[part]:.2f} |")
+            print(f"| {part} | " + " | ".join(f"{report['breakdown_ms_per_step'][b][part]:.2f}" for b in batches) + " |")
+        print("| tokens/s | " + " | ".join(f"{1000 * b / report['breakdown_ms_per_step'][b]['total']:.1f}" for b in batches) + " |")
 
     if args.kernels:
         start = time.perf_counter()
