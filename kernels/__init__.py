@@ -6,6 +6,8 @@
     common.h, gemv.cu (M <= 8), mma.cu (tensor cores, M > 8): the CUDA kernels, layout in common.h
     cpu.py         CPU: the QuantLinear hook, fused q/k/v and gate/up, the float16-weight linear
     cpu_gemm.c     CPU: AVX2 kernels reading GPTQ v1 buffers as stored (layout and tricks at its top)
+    cpu_decode.c   CPU: the operations between a Llama block's matmuls (norm, rotary + KV-cache write,
+                   attention, silu), for compressor/serve/cpu_step.py
 
 Nothing here is compiled or loaded at import time.
 """

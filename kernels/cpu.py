@@ -34,10 +34,10 @@ KERNEL_BITS = (4, 8)
 # Rows of x up to which the kernels run; above, W is dequantized for the call (in C) and F.linear
 # runs on it. Measured on SmolLM2's and Llama-7B's shapes (benchmarks/cpu_runtime.py --kernels,
 # 2 AVX2 cores): the kernels beat float32 F.linear up to 32-64 rows and reach 0.5-0.8x of it at 256
-# (a float GEMM reuses each weight across more rows). 512 keeps every step of `compress serve`
-# (prefill chunk 256 + 32 decoding rows) on the kernels, whose per-row results do not depend on
-# the batch, so served and `generate` outputs agree; perplexity windows (2048) and long prefills
-# take the dequantize path.
+# (a float GEMM reuses each weight across more rows). 512 keeps the calls of a transformers
+# forward over a prompt chunk or a batch on the kernels, whose per-row results do not depend on
+# the batch; perplexity windows (2048) and long prompts take the dequantize path. (The serving
+# engine's CPU step, compressor/serve/cpu_step.py, calls the kernel itself, for any row count.)
 MAX_ROWS = 512
 
 

@@ -1,6 +1,7 @@
 """`compress serve`: an OpenAI-compatible server with continuous batching and speculative decoding.
 
 engine.py    scheduler (continuous batching, chunked prefill, speculative decoding)
+cpu_step.py  the engine's forward for Llama-family artifacts on the CPU kernels (instead of transformers')
 kv_cache.py  slot KV cache + the 4-D masks that let rows of different lengths share a forward
 sampling.py  greedy / temperature / top-k / top-p with per-request seeds
 text.py      incremental detokenization and stop strings
