@@ -61,6 +61,16 @@ class LayerwiseAlgorithm(Protocol):
     def compress(self, linears: list[tuple[str, nn.Linear]], stats: InputStatistics) -> dict[str, dict[str, Any]]: ...
 
 
+class BlockVisitor(Protocol):
+    """For a model whose blocks are not all in memory (compressor/blockwise.py): `before_block`
+    puts block `index`'s weights on the compute device, `after_block` takes the compressed block
+    away (writes it, frees it). The model's front (embeddings) is the visitor's to load."""
+
+    def before_block(self, index: int, block: nn.Module) -> None: ...
+
+    def after_block(self, index: int, block: nn.Module) -> None: ...
+
+
 @dataclass
 class EngineOptions:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -125,6 +135,7 @@ def run_layerwise(
     calibration_ids: torch.Tensor,
     algorithm: LayerwiseAlgorithm,
     options: EngineOptions,
+    visitor: BlockVisitor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Compress every selected block linear of `model` in place; return one record per linear."""
     device = options.device
@@ -133,8 +144,8 @@ def run_layerwise(
     blocks = arch.block_list(model)
 
     # The blocks stay where they are (CPU) and visit `device` one at a time; the small front
-    # (embeddings, rotary tables) moves to the device for the capture.
-    offload = device.type != "cpu"
+    # (embeddings, rotary tables) moves to the device for the capture. A visitor loads them itself.
+    offload = device.type != "cpu" and visitor is None
     if offload:
         _move_except_blocks(model, arch, device)
     inputs = capture_block_inputs(model, arch, calibration_ids, batch, device)
@@ -144,7 +155,10 @@ def run_layerwise(
     records: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(blocks), desc=options.desc, unit="block", disable=not options.progress)
     for index, block in enumerate(blocks):
-        block.to(device)
+        if visitor is not None:
+            visitor.before_block(index, block)
+        else:
+            block.to(device)
         groups = []
         for group in arch.linear_groups:
             members = [(f"{arch.blocks}.{index}.{rel}", block.get_submodule(rel)) for rel in group]
@@ -152,7 +166,9 @@ def run_layerwise(
             if members:
                 groups.append(members)
         inputs = _compress_block(block, groups, inputs, algorithm, options, records)
-        if offload:
+        if visitor is not None:
+            visitor.after_block(index, block)
+        elif offload:
             block.to("cpu")
         bar.update(1)
         bar.set_postfix_str(f"{len(records)} linears")

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from compressor.architectures import architecture_of
+from compressor.blockwise import check_whole_model_fits, choose_blockwise, run_blockwise
 from compressor.data import calibration_batch, evaluation_tokens
 from compressor.engine import EngineOptions, is_skipped
 from compressor.errors import RecipeError
@@ -29,7 +30,7 @@ from compressor.export.artifact import atomic_output_dir, check_output_dir, writ
 from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, write_dense_checkpoint, write_gptq_checkpoint
 from compressor.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from compressor.monitor import measure
-from compressor.prune import prune_, sparsity_summary
+from compressor.prune import prune_, sparsity_config, sparsity_summary
 from compressor.quantize import quantize_
 from compressor.recipe import Recipe, check_against_model, parse_size
 
@@ -110,7 +111,51 @@ def _check_onnx_exportable(recipe: Recipe, config, stage_index: int, recipe_file
 class RunResult:
     output: Path
     report: dict[str, Any]
-    model: nn.Module  # the compressed model in memory, equal to what the artifact holds
+    model: nn.Module | None  # the compressed model in memory, equal to what the artifact holds (None: blockwise)
+
+
+def _run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device, dtype, overwrite: bool, progress: bool,
+                   started: float, timings: dict) -> RunResult:  # fmt: skip
+    """`run` for a model read one block at a time (compressor/blockwise.py); the same artifact and report."""
+    from compressor.report import write_report
+
+    out = Path(recipe.output)
+    calib = recipe.data.calibration
+    with atomic_output_dir(out, overwrite) as tmp:
+        parts = run_blockwise(recipe, recipe_file, checked, device, dtype, tmp, progress, timings)
+        dense_ppl, compressed_ppl = parts["perplexity"]["dense"], parts["perplexity"]["compressed"]
+        report: dict[str, Any] = {
+            "model": parts["model"],
+            "environment": parts["environment"],
+            "recipe": recipe.model_dump(mode="json"),
+            "calibration": {"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len, "seed": calib.seed},
+            "perplexity": parts["perplexity"],
+            "stages": parts["stages"],
+            "sparsity": parts["sparsity"],
+            "quantization_config": parts["quantization_config"],
+            "timings": timings,
+        }
+        if dense_ppl and compressed_ppl:
+            report["perplexity"]["increase"] = compressed_ppl["perplexity"] / dense_ppl["perplexity"] - 1
+        weights = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        report["size"] = {
+            "artifact_weights_bytes": weights,
+            "ideal_bytes": parts["ideal_bytes"],
+            "dense_fp16_bytes": parts["dense_fp16_bytes"],
+            "artifact_over_ideal": weights / parts["ideal_bytes"],
+            "artifact_over_dense_fp16": weights / parts["dense_fp16_bytes"],
+        }
+        report["total_seconds"] = time.perf_counter() - started
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        write_report(tmp, report)
+        write_manifest(tmp)
+    log.info("wrote %s", out)
+    if recipe.push is not None:
+        from compressor.hub import push
+
+        p = recipe.push
+        push(out, p.repo, private=p.private, revision=p.revision, overwrite=p.overwrite, dry_run=p.dry_run, echo=log.info)
+    return RunResult(out, report, None)
 
 
 def _unique_parameter_bytes(model: nn.Module, bytes_per: int = 2) -> int:
@@ -176,6 +221,9 @@ def run(
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
     timings: dict[str, dict] = {}
+    if choose_blockwise(recipe, recipe_file, source, checked["config"], dtype):
+        return _run_blockwise(recipe, recipe_file, checked, device, dtype, overwrite, progress, started, timings)
+    check_whole_model_fits(recipe, checked["config"], dtype)
 
     with measure() as m:
         tokenizer = load_tokenizer(source, recipe.model.revision, recipe.model.trust_remote_code)
@@ -208,7 +256,7 @@ def run(
     teacher = copy.deepcopy(model) if needs_teacher else None
     distill_curves, checkpoint_dirs = [], []
 
-    stages_report, quantized, qstage, sparsity = [], {}, None, None
+    stages_report, quantized, qstage, sparsity, pruned_names = [], {}, None, None, set()
     stages = recipe.stage_list()
     fused_into_previous = False
     for i, (kind, options) in enumerate(stages):
@@ -245,6 +293,7 @@ def run(
                     sparsity = {**sparsity_summary(model, outcome.layers), "structure": options.pattern or "unstructured",
                                 "method": options.method}  # fmt: skip
                     entry["sparsity"] = sparsity
+                    pruned_names.update(outcome.layers)
                 if joint is not None:
                     # One pass did both; the grids were fixed per group up front (static groups).
                     quantized, fused_into_previous = outcome.quantized, True
@@ -264,15 +313,7 @@ def run(
             true_sequential=qstage.true_sequential,
         )  # fmt: skip
     if sparsity is not None:
-        # Recorded in config.json too, so a loader or a person can see the weights are sparse.
-        model.config.compressor_sparsity = {
-            "structure": sparsity["structure"],
-            "method": sparsity["method"],
-            "global_sparsity": round(sparsity["sparsity_of_block_linears"], 6),
-            "sparsity_of_pruned_linears": round(sparsity["sparsity_of_pruned_linears"], 6),
-            "targets": sorted({name.split(".")[-1] for st in stages_report if "sparsity" in st for name in st["layers"]}),
-            "ignore": [p for kind, o in stages if kind == "prune" for p in o.skip],
-        }
+        model.config.compressor_sparsity = sparsity_config(sparsity, pruned_names, [p for kind, o in stages if kind == "prune" for p in o.skip])
     report: dict[str, Any] = {
         "model": {
             "source": source.label,

@@ -155,3 +155,15 @@ def sparsity_summary(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dic
         "sparsity_of_pruned_linears": pruned_zeros / pruned_total if pruned_total else 0.0,
         "sparsity_of_block_linears": pruned_zeros / all_total if all_total else 0.0,
     }
+
+
+def sparsity_config(sparsity: dict, pruned_names, ignore: list[str]) -> dict:
+    """config.json's `compressor_sparsity`, so a loader or a person can see the weights are sparse."""
+    return {
+        "structure": sparsity["structure"],
+        "method": sparsity["method"],
+        "global_sparsity": round(sparsity["sparsity_of_block_linears"], 6),
+        "sparsity_of_pruned_linears": round(sparsity["sparsity_of_pruned_linears"], 6),
+        "targets": sorted({name.split(".")[-1] for name in pruned_names}),
+        "ignore": list(ignore),
+    }

@@ -386,6 +386,14 @@ class ComputeSection(_Strict):
         6.0, gt=0, description="Memory budget for one block's calibration activations (auto batching)."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    load: Literal["auto", "whole", "blockwise"] = Field(
+        "auto",
+        description="How the model is held. whole: loaded into memory before the stages. blockwise: "
+        "read from its safetensors files one decoder block at a time, compressed, written and freed "
+        "(peak memory ~ one block, for models larger than memory; one quantize or prune stage; "
+        "perplexity is computed block by block). auto: blockwise when the model in the compute dtype "
+        "would take more than half the available memory and the recipe allows it, else whole.",
+    )
 
 
 class Recipe(_Strict):

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from compressor.algorithms.quant import QuantizedWeight
+from compressor.export.shards import ShardWriter
+from compressor.export.shards import write_json as _write_json
 from compressor.packing import pack_gptq_v1
 
 GPTQ_TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -53,13 +55,15 @@ def _ties_word_embeddings(model) -> bool:
     return bool(getattr(text_config, "tie_word_embeddings", False))
 
 
-def _plain_tensors(model, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """The model's tensors that are written as they are (in fp16 if floating), shared ones once."""
+def _checkpoint_state(model, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """The state-dict entries the checkpoint stores, in state-dict order: the tied lm_head dropped,
+    shared tensors once, each quantized module's `.weight` kept where `stored_tensors` replaces it."""
     state = model.state_dict()
     for name in quantized:
         if f"{name}.weight" not in state:
             raise ValueError(f"quantized module {name!r} has no weight in the model's state dict")
-    dropped = {f"{name}.weight" for name in quantized}
+    quantized_weights = {f"{name}.weight" for name in quantized}
+    dropped = set()
     if _ties_word_embeddings(model) and "lm_head.weight" in state:
         if "lm_head" in quantized:
             raise ValueError("lm_head is tied to the input embeddings and cannot be quantized on its own")
@@ -71,6 +75,9 @@ def _plain_tensors(model, quantized: dict[str, QuantizedWeight]) -> dict[str, to
     kept: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
     for name, tensor in state.items():
+        if name in quantized_weights:  # packed instead: not a plain tensor that others could share
+            kept[name] = tensor
+            continue
         if name in dropped:
             continue
         key = _storage_key(tensor)
@@ -81,6 +88,12 @@ def _plain_tensors(model, quantized: dict[str, QuantizedWeight]) -> dict[str, to
     return kept
 
 
+def _plain_tensors(model, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """The model's tensors that are written as they are (in fp16 if floating), shared ones once."""
+    quantized_weights = {f"{name}.weight" for name in quantized}
+    return {n: t for n, t in _checkpoint_state(model, quantized).items() if n not in quantized_weights}
+
+
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     if tensor.is_floating_point():
@@ -88,13 +101,24 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu").contiguous()
 
 
-def checkpoint_tensors(model, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by name, as it will be stored."""
-    tensors = {name: _stored(t) for name, t in _plain_tensors(model, quantized).items()}
-    for name, qw in quantized.items():
-        for suffix, tensor in pack_gptq_v1(qw).items():
-            tensors[f"{name}.{suffix}"] = tensor.cpu()
+def stored_tensors(state: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """What the checkpoint stores for some state-dict entries (names relative to the model), in
+    order: `X.weight` of a module X in `quantized` becomes `X.qweight, X.qzeros, X.scales, X.g_idx`,
+    every other tensor is stored as it is (floating ones in fp16). CPU, contiguous."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in quantized:
+            for suffix, packed in pack_gptq_v1(quantized[module]).items():
+                tensors[f"{module}.{suffix}"] = packed.to("cpu").contiguous()
+        else:
+            tensors[name] = _stored(tensor)
     return tensors
+
+
+def checkpoint_tensors(model, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by name, as it will be stored, in the order it is written."""
+    return stored_tensors(_checkpoint_state(model, quantized), quantized)
 
 
 def expected_size_bytes(model, quantized: dict[str, QuantizedWeight]) -> int:
@@ -103,14 +127,14 @@ def expected_size_bytes(model, quantized: dict[str, QuantizedWeight]) -> int:
     for tensor in _plain_tensors(model, quantized).values():
         itemsize = 2 if tensor.is_floating_point() else tensor.element_size()
         total += tensor.numel() * itemsize
-    for qw in quantized.values():
-        n, k = qw.codes.shape
-        groups = qw.scales.shape[0]
-        total += k * n * qw.bits // 8  # qweight
-        total += groups * n * qw.bits // 8  # qzeros
-        total += groups * n * 2  # scales (fp16)
-        total += k * 4  # g_idx (int32)
-    return total
+    return total + sum(quantized_bytes(qw) for qw in quantized.values())
+
+
+def quantized_bytes(qw: QuantizedWeight) -> int:
+    """Bytes of one quantized linear's packed tensors, computed without packing."""
+    n, k = qw.codes.shape
+    groups = qw.scales.shape[0]
+    return k * n * qw.bits // 8 + groups * n * qw.bits // 8 + groups * n * 2 + k * 4  # qweight, qzeros, scales (fp16), g_idx (int32)
 
 
 def _config_dict(model, quantization_config: dict | None) -> dict:
@@ -126,11 +150,6 @@ def _config_dict(model, quantization_config: dict | None) -> dict:
     return config
 
 
-def _write_json(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return path
-
-
 def write_gptq_checkpoint(
     out_dir: Path,
     model,
@@ -140,34 +159,38 @@ def write_gptq_checkpoint(
     max_shard_size: int = 2 * 10**9,
 ) -> list[Path]:
     """Write the checkpoint into the existing, empty `out_dir`; return the paths written."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ValueError(f"{out_dir} is not a directory")
     if any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty")
 
-    tensors = checkpoint_tensors(model, quantized)
-    split = split_torch_state_dict_into_shards(
-        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
-    for filename, names in split.filename_to_tensors.items():
-        save_file({name: tensors[name] for name in names}, out_dir / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
-        _write_json(out_dir / "model.safetensors.index.json", index)
+    with ShardWriter(out_dir, max_shard_size) as writer:
+        # One entry at a time, so that only about one shard of stored (fp16, packed) copies is held.
+        for name, tensor in _checkpoint_state(model, quantized).items():
+            for stored_name, stored in stored_tensors({name: tensor}, quantized).items():
+                writer.add(stored_name, stored)
 
+    write_checkpoint_files(out_dir, model, quantization_config, tokenizer)
+    return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
+def write_checkpoint_files(out_dir: Path, model, quantization_config: dict | None, tokenizer=None, generation_config_dir: Path | None = None) -> None:
+    """Everything of the checkpoint but its tensors: config.json (+ quantize_config.json),
+    generation_config.json, the tokenizer. `generation_config_dir`: read the generation config from
+    the source model's directory (a model built from its config only has a default one)."""
     _write_json(out_dir / "config.json", _config_dict(model, quantization_config))
     if quantization_config is not None:
         _write_json(out_dir / "quantize_config.json", dict(quantization_config))
     generation_config = getattr(model, "generation_config", None)
+    if generation_config_dir is not None and (Path(generation_config_dir) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        generation_config = GenerationConfig.from_pretrained(generation_config_dir)
     if generation_config is not None:
         generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return sorted(p for p in out_dir.rglob("*") if p.is_file())
 
 
 def write_dense_checkpoint(out_dir: Path, model, tokenizer=None, max_shard_size: int = 2 * 10**9) -> list[Path]:

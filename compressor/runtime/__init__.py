@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 
 from compressor.errors import ArtifactError
 from compressor.export.artifact import verify_manifest
+from compressor.lazy import parameters_on_meta
 from compressor.packing import SUPPORTED_BITS, dequantize_gptq_v1
 from compressor.runtime.quant_linear import QuantLinear, register_kernel
 
@@ -183,28 +182,6 @@ def _copy_file_backed(model, file_ranges: list[tuple[int, int]]) -> None:
                 module._parameters[name] = nn.Parameter(copy, requires_grad=False)
         for name, b in module._buffers.items():
             module._buffers[name] = own(b)
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device but buffers for real.
-
-    Non-persistent buffers (RoPE's inv_freq) are computed in __init__ and absent from
-    checkpoints, so they must exist; parameters all come from the checkpoint, so allocating
-    and randomly initializing them would only cost time and memory.
-    """
-    register_parameter = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register_parameter
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -419,7 +396,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     tensors = _read_tensors(_weight_files(path))
     file_ranges = _storage_ranges(tensors.values())
 
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _install_quant_linears(model, tensors, qconfig["bits"], qconfig.get("group_size"), cache_dequantized, path)
 
