@@ -102,7 +102,7 @@ class PruneLayerwise:
                 records[name] = {
                     "sparsity": float((pruned == 0).float().mean()),
                     "target_sparsity": sparsity if not self.options.pattern else None,
-                    "relative_error": output_error(linear.weight, pruned, hessian),
+                    "relative_error": result.rows_error(rows) if result.row_errors is not None else output_error(linear.weight, pruned, hessian),
                     "shape": [linear.out_features, linear.in_features],
                 }
                 linear.weight.data.copy_(pruned.to(linear.weight.dtype))

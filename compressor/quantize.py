@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.algorithms.gptq import gptq_quantize, output_error, rtn_quantize_result
+from compressor.algorithms.gptq import gptq_quantize, rtn_quantize_result
 from compressor.algorithms.quant import QuantizedWeight
 from compressor.architectures import architecture_of
 from compressor.engine import EngineOptions, InputStatistics, run_layerwise
@@ -52,7 +52,7 @@ class GPTQLayerwise:
             row += linear.out_features
             weight_hat = result.weight[rows]
             records[name] = {
-                "relative_error": output_error(linear.weight, weight_hat, hessian),
+                "relative_error": result.rows_error(rows),
                 "damp_percent": result.damp_percent,
                 "seconds": seconds,
                 "shape": [linear.out_features, linear.in_features],

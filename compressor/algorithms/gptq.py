@@ -44,15 +44,30 @@ class QuantizeResult:
     quantized: QuantizedWeight
     relative_error: float  # tr(dW H dW^T) / tr(W H W^T): relative output error on the calibration data
     damp_percent: float  # damping actually used (after escalation)
+    row_errors: tuple[torch.Tensor, torch.Tensor] | None = None  # per output row: (dW H dW^T, W H W^T) diagonals
+
+    def rows_error(self, rows: slice) -> float:
+        """relative_error of some output rows (one linear of a stacked group), without recomputing."""
+        return relative_error(*(t[rows] for t in self.row_errors))
+
+
+def row_output_errors(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row: ||(W_hat - W) x||^2 and ||W x||^2 summed over the calibration inputs,
+    through the Hessian. Two [N, K] x [K, K] products: as costly as GPTQ on a wide layer, so
+    callers compute them once per stacked group and slice rows."""
+    w = weight.float()
+    delta = weight_hat.float() - w
+    return ((delta @ hessian) * delta).sum(dim=1), ((w @ hessian) * w).sum(dim=1)
+
+
+def relative_error(num_rows: torch.Tensor, den_rows: torch.Tensor) -> float:
+    num, den = num_rows.sum(), den_rows.sum()
+    return float(num / den) if den > 0 else float(num)
 
 
 def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """||W X - W_hat X||^2 / ||W X||^2 on the calibration inputs, through the Hessian."""
-    w = weight.float()
-    delta = weight_hat.float() - w
-    num = ((delta @ hessian) * delta).sum()
-    den = ((w @ hessian) * w).sum()
-    return float(num / den) if den > 0 else float(num)
+    return relative_error(*row_output_errors(weight, weight_hat, hessian))
 
 
 def inverse_hessian_cholesky(
@@ -173,12 +188,15 @@ def gptq_quantize(
         group_size=group_size,
         sym=sym,
     )
-    return QuantizeResult(Q, quantized, output_error(weight, Q, hessian.float()), damp_used)
+    rows = row_output_errors(weight, Q, hessian.float())
+    return QuantizeResult(Q, quantized, relative_error(*rows), damp_used, rows)
 
 
 def rtn_quantize_result(weight: torch.Tensor, hessian: torch.Tensor | None, *, bits: int, group_size: int, sym: bool) -> QuantizeResult:
     """Round-to-nearest with the same result record, so reports compare like with like."""
     quantized = rtn_quantize(weight, bits, group_size, sym)
     w_hat = quantized.dequantize()
-    err = output_error(weight, w_hat, hessian.float()) if hessian is not None else float("nan")
-    return QuantizeResult(w_hat, quantized, err, 0.0)
+    if hessian is None:
+        return QuantizeResult(w_hat, quantized, float("nan"), 0.0)
+    rows = row_output_errors(weight, w_hat, hessian.float())
+    return QuantizeResult(w_hat, quantized, relative_error(*rows), 0.0, rows)

@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from compressor.algorithms.gptq import inverse_hessian_cholesky, output_error
+from compressor.algorithms.gptq import inverse_hessian_cholesky, relative_error, row_output_errors
 
 @dataclass
 class PruneResult:
@@ -57,6 +57,11 @@ class PruneResult:
     mask: torch.Tensor  # [N, K] bool, True = kept
     relative_error: float  # output_error(W, weight, H) on the calibration data; nan without a Hessian
     sparsity: float  # fraction of entries of `weight` that are 0 (above the target if W had zeros)
+    row_errors: tuple[torch.Tensor, torch.Tensor] | None = None  # gptq.row_output_errors; None without a Hessian
+
+    def rows_error(self, rows: slice) -> float:
+        """relative_error of some output rows (one linear of a stacked group)."""
+        return float("nan") if self.row_errors is None else relative_error(*(t[rows] for t in self.row_errors))
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -219,5 +224,6 @@ def _select(score: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | N
 
 
 def _result(weight: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor | None) -> PruneResult:
-    err = output_error(weight, pruned, hessian.detach().float()) if hessian is not None else float("nan")
-    return PruneResult(pruned, keep, err, float((pruned == 0).float().mean()))
+    rows = row_output_errors(weight, pruned, hessian.detach().float()) if hessian is not None else None
+    err = relative_error(*rows) if rows is not None else float("nan")
+    return PruneResult(pruned, keep, err, float((pruned == 0).float().mean()), rows)
