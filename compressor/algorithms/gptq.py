@@ -55,9 +55,15 @@ def row_output_errors(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: t
     """Per output row: ||(W_hat - W) x||^2 and ||W x||^2 summed over the calibration inputs,
     through the Hessian. Two [N, K] x [K, K] products: as costly as GPTQ on a wide layer, so
     callers compute them once per stacked group and slice rows."""
-    w = weight.float()
-    delta = weight_hat.float() - w
-    return ((delta @ hessian) * delta).sum(dim=1), ((w @ hessian) * w).sum(dim=1)
+    num = torch.empty(weight.shape[0], device=weight.device)
+    den = torch.empty_like(num)
+    step = max(1, (64 << 20) // (4 * weight.shape[1]))  # rows per chunk: ~64 MB of float32 temporaries each
+    for r in range(0, weight.shape[0], step):
+        w = weight[r : r + step].float()
+        delta = weight_hat[r : r + step].float() - w
+        num[r : r + step] = ((delta @ hessian) * delta).sum(dim=1)
+        den[r : r + step] = ((w @ hessian) * w).sum(dim=1)
+    return num, den
 
 
 def relative_error(num_rows: torch.Tensor, den_rows: torch.Tensor) -> float:
@@ -135,7 +141,7 @@ def gptq_quantize(
 
     maxq = max_code(bits)
     Q = torch.zeros_like(W)
-    codes = torch.zeros(n, k, device=dev)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=dev)  # small integers: exact, a quarter of float32
     # Group of each position in processing order: its original column's group when static,
     # else consecutive runs of gs in processing order.
     group_of_position = perm // gs if static_groups else torch.arange(k, device=dev) // gs
@@ -172,7 +178,7 @@ def gptq_quantize(
             Err1[:, i] = err
             W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)  # spread the error (rank-1)
         Q[:, i1:i2] = Q1
-        codes[:, i1:i2] = codes1
+        codes[:, i1:i2] = codes1.to(torch.uint8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns ahead
 
     inverse = torch.argsort(perm)
@@ -180,7 +186,7 @@ def gptq_quantize(
     codes = codes[:, inverse]
     g_idx = group_of_position[inverse].to(torch.int32)
     quantized = QuantizedWeight(
-        codes=codes.to(torch.uint8),
+        codes=codes,
         scales=scales.half(),
         zeros=zeros.to(torch.uint8),
         g_idx=g_idx,
