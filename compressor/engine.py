@@ -40,15 +40,22 @@ class InputStatistics:
     def __init__(self, width: int, device: torch.device):
         self.sum = torch.zeros(width, width, dtype=torch.float32, device=device)
         self.rows = 0
+        self._finished = False
 
     def add(self, x: torch.Tensor) -> None:
+        if self._finished:
+            raise RuntimeError("InputStatistics.add after hessian(): the sum was scaled in place")
         x = x.reshape(-1, x.shape[-1]).float()
         self.sum.addmm_(x.T, x)
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """H = 2/n X^T X (GPTQ's normalisation; algorithms that need ||x_j|| use its diagonal)."""
-        return self.sum * (2.0 / max(self.rows, 1))
+        """H = 2/n X^T X (GPTQ's normalisation; algorithms that need ||x_j|| use its diagonal).
+        Scaled in place, once (no second K x K copy): the statistics are finished after this."""
+        if not self._finished:
+            self.sum.mul_(2.0 / max(self.rows, 1))
+            self._finished = True
+        return self.sum
 
 
 class LayerwiseAlgorithm(Protocol):

@@ -82,15 +82,19 @@ def inverse_hessian_cholesky(
     """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, escalating damp until it exists."""
     mean_diag = torch.mean(torch.diag(hessian))
     damp = damp_percent
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     while True:
-        damped = hessian.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        # One K x K buffer for the three steps (LAPACK works in place; torch's out= lets it): for
+        # a 14336-wide down projection each copy is 0.8 GB, and the steps used to hold four.
+        work = hessian.clone()
+        work.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(work, out=(work, info))
         if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            torch.cholesky_inverse(work.tril_(), out=work)
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
             if info == 0:
-                return upper, damp
+                return work, damp
+        del work
         if damp * 2 > max_damp_percent + 1e-12:
             raise HessianNotPositiveDefinite(
                 f"Hessian is not positive definite even with damp_percent={damp:g}; "
@@ -122,7 +126,7 @@ def gptq_quantize(
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H.diagonal()[dead] = 1
     W[:, dead] = 0
 
     num_groups = k // gs
@@ -136,8 +140,9 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=dev)
     W = W[:, perm]
     kept = mask[:, perm] if mask is not None else None
-    H = H[perm][:, perm]
+    H = H.index_select(0, perm).index_select(1, perm)
     Hinv, damp_used = inverse_hessian_cholesky(H, damp_percent, max_damp_percent)
+    del H  # only its inverse's factor is used from here
 
     maxq = max_code(bits)
     Q = torch.zeros_like(W)
