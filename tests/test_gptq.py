@@ -245,3 +245,20 @@ def test_all_zero_weight_quantizes_to_zero(H):
         result = gptq_quantize(W, H, bits=4, group_size=GS, sym=sym)
         check_record(result, W, 4, GS)
         assert (result.weight == 0).all() and torch.isfinite(result.quantized.scales.float()).all()
+
+
+def test_inverse_hessian_factor_is_the_three_step_reference_bitwise_and_column_major():
+    """The in-place factorization (one buffer) gives torch's cholesky -> cholesky_inverse ->
+    upper cholesky bit for bit, in the same column-major layout: the column loop's matmuls round
+    differently on another layout, which changed artifacts (and perplexity) before it was kept."""
+    from compressor.algorithms.gptq import inverse_hessian_cholesky
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 192, generator=gen) * torch.rand(192, generator=gen)
+    hessian = x.T @ x * (2 / 300)
+    damped = hessian.clone()
+    damped.diagonal().add_(0.01 * torch.mean(torch.diag(hessian)))
+    lower, _ = torch.linalg.cholesky_ex(damped)
+    expected, _ = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    factor, damp = inverse_hessian_cholesky(hessian, 0.01, 1.0)
+    assert damp == 0.01 and torch.equal(factor, expected) and factor.stride() == expected.stride()

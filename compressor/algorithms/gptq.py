@@ -86,7 +86,10 @@ def inverse_hessian_cholesky(
     while True:
         # One K x K buffer for the three steps (LAPACK works in place; torch's out= lets it): for
         # a 14336-wide down projection each copy is 0.8 GB, and the steps used to hold four.
-        work = hessian.clone()
+        # Column-major, as LAPACK and torch's own results are: torch then works in it without copies,
+        # and the factor has the layout the column loop's matmuls were tuned (and tested bitwise) on.
+        work = torch.empty_strided(hessian.shape, (1, hessian.shape[0]), dtype=hessian.dtype, device=hessian.device)
+        work.copy_(hessian)
         work.diagonal().add_(damp * mean_diag)
         torch.linalg.cholesky_ex(work, out=(work, info))
         if info == 0:
