@@ -151,7 +151,7 @@ class _BlockWriter:
         prefix = f"{self.arch.blocks}.{index}"
         quantized = {name: qw for name, qw in getattr(self.algorithm, "quantized", {}).items() if name.startswith(prefix + ".")}
         keep = {id(self.lazy.model.get_submodule(name).weight) for name in quantized}
-        _round_to_fp16_(block, keep)
+        round_to_fp16_(block, keep)
         if self.compressed is not None:
             self.compressed.advance(block)
         state = {f"{prefix}.{name}": t for name, t in block.state_dict().items()}
@@ -164,8 +164,9 @@ class _BlockWriter:
         self.block_seconds.append(time.perf_counter() - self._started)
 
 
-def _round_to_fp16_(module: nn.Module, keep: set[int]) -> None:
-    """The artifact stores unquantized float tensors in float16; make memory match (pipeline's rule)."""
+def round_to_fp16_(module: nn.Module, keep: set[int]) -> None:
+    """The artifact stores unquantized float tensors in float16; make memory match. `keep`: ids of
+    the parameters left alone (quantized weights: exact in float32, not always in float16)."""
     for p in module.parameters():
         if p.is_floating_point() and id(p) not in keep:
             p.data = p.data.half().to(p.dtype)
@@ -238,7 +239,7 @@ def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch
         # The calibration inputs are captured (run_layerwise did it with the embeddings as loaded):
         # now the compressed evaluation stream starts from the float16 embeddings, which are written and freed.
         if index == 0:
-            _round_to_fp16_(embeddings, set())
+            round_to_fp16_(embeddings, set())
             if windows is not None:
                 visitor.compressed = BlockwisePerplexity(windows, capture_block_inputs(model, arch, windows, ev.batch_size, device))
             state = {f"{arch.embeddings}.{n}": t for n, t in embeddings.state_dict().items()}
@@ -264,8 +265,8 @@ def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch
         norm = lazy.load(arch.final_norm)
         head = lazy.load(arch.lm_head)
         dense_ppl = dense.finish(norm, head).to_dict() if dense is not None else None
-        _round_to_fp16_(norm, set())
-        _round_to_fp16_(head, set())
+        round_to_fp16_(norm, set())
+        round_to_fp16_(head, set())
         compressed_ppl = visitor.compressed.finish(norm, head).to_dict() if visitor.compressed is not None else None
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         state = {f"{arch.final_norm}.{n}": t for n, t in norm.state_dict().items()}

@@ -120,16 +120,12 @@ class LazyModel:
         if missing:
             raise UserError(f"model.source: {directory}: the checkpoint lacks {len(missing)} tensors the architecture "
                             f"needs, e.g. {missing[0]!r}")  # fmt: skip
-        first: dict[int, str] = {}
-        aliases = {}
+        stored_as: dict[int, str] = {}  # parameter -> the name the checkpoint holds it under
         for name, p in model.named_parameters(remove_duplicate=False):
-            if id(p) in first or name not in files:
-                first.setdefault(id(p), name)
-            else:
-                first[id(p)] = name
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if name not in files and first[id(p)] in files:
-                aliases[name] = first[id(p)]
+            if name in files:
+                stored_as.setdefault(id(p), name)
+        aliases = {name: stored_as[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
+                   if name not in files and id(p) in stored_as}  # fmt: skip
         return cls(model, files, dtype, torch.device(device), aliases)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:

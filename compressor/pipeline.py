@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from compressor.architectures import architecture_of
-from compressor.blockwise import check_whole_model_fits, choose_blockwise, run_blockwise
+from compressor.blockwise import check_whole_model_fits, choose_blockwise, round_to_fp16_, run_blockwise
 from compressor.data import calibration_batch, evaluation_tokens
 from compressor.engine import EngineOptions, is_skipped
 from compressor.errors import RecipeError
@@ -173,10 +173,7 @@ def _round_to_fp16_(model: nn.Module, quantized: set[str]) -> None:
     Quantized weights are left alone: scale * (code - zero) is exact in float32 but not always
     representable in fp16, and the runtime dequantizes in float32 too.
     """
-    keep = {id(model.get_submodule(name).weight) for name in quantized}
-    for p in model.parameters():
-        if p.is_floating_point() and id(p) not in keep:
-            p.data = p.data.half().to(p.dtype)
+    round_to_fp16_(model, {id(model.get_submodule(name).weight) for name in quantized})
 
 
 def _distill_stage(model, teacher, tokenizer, options, recipe: Recipe, eval_ids, i: int, resume: bool, progress: bool):
