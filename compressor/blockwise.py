@@ -132,10 +132,10 @@ def check_whole_model_fits(recipe: Recipe, config, dtype: torch.dtype) -> None:
 class _BlockWriter:
     """The engine's visitor: loads each block, runs the evaluation streams, writes and frees it."""
 
-    def __init__(self, lazy: LazyModel, arch, writer, algorithm, dense, compressed, quantized_bytes: dict):
+    def __init__(self, lazy: LazyModel, arch, writer, algorithm, dense, compressed, sizes: dict):
         self.lazy, self.arch, self.writer, self.algorithm = lazy, arch, writer, algorithm
         self.dense, self.compressed = dense, compressed
-        self.quantized_bytes = quantized_bytes  # running ideal size, filled as blocks are written
+        self.sizes = sizes  # {"ideal": bytes}: the artifact's ideal size, summed as blocks are written
         self.block_seconds: list[float] = []
         self._started = 0.0
 
@@ -157,7 +157,7 @@ class _BlockWriter:
         state = {f"{prefix}.{name}": t for name, t in block.state_dict().items()}
         for name, tensor in stored_tensors(state, quantized).items():
             self.writer.add(name, tensor)
-        self.quantized_bytes["ideal"] += ideal_bytes(state, quantized)
+        self.sizes["ideal"] += ideal_bytes(state, quantized)
         for name in quantized:  # packed and written: nothing of the block stays in memory
             del self.algorithm.quantized[name]
         self.lazy.release(prefix)
