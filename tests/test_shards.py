@@ -216,3 +216,24 @@ def test_gptq_checkpoint_is_what_huggingface_hub_splits(tmp_path, max_shard_size
         (stream / name).unlink()
     assert_same_files(stream, reference)
     assert (len(list(stream.iterdir())) > 3) == (max_shard_size == 20_000)
+
+
+def test_the_open_shard_is_not_held_in_memory(tmp_path):
+    """Each tensor's bytes go to disk when added: the writer keeps no reference to it, so a big
+    model's open shard (2 GB by default) costs no memory."""
+    import gc
+    import weakref
+
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(8)}
+    stream, reference = dirs(tmp_path)
+    with ShardWriter(stream, max_shard_size=10**6) as writer:
+        for name in list(tensors):
+            tensor = tensors[name].clone()
+            alive = weakref.ref(tensor.untyped_storage())
+            writer.add(name, tensor)
+            del tensor
+            gc.collect()
+            assert alive() is None, name
+        assert [p.name for p in stream.iterdir()] == ["model-00001.safetensors.tmp.spill"]
+    reference_write(reference, tensors, max_shard_size=10**6)
+    assert_same_files(stream, reference)

@@ -1,4 +1,4 @@
-"""Writing a safetensors checkpoint tensor by tensor, one shard in memory at a time.
+"""Writing a safetensors checkpoint tensor by tensor, with one tensor in memory at a time.
 
 The files are those `huggingface_hub.split_torch_state_dict_into_shards` + `safetensors.torch.save_file`
 (what `save_pretrained` does) write for the same tensors in the same order, byte for byte. Its rule
@@ -10,12 +10,19 @@ The files are those `huggingface_hub.split_torch_state_dict_into_shards` + `safe
 - a tensor whose `get_torch_storage_id` was seen before joins the shard of the first one and is not
   counted; `total_size` sums the sizes counted;
 - one shard is `model.safetensors` without an index; N are `model-0000i-of-0000N.safetensors`.
+
+The open shard is not held in memory: each tensor's bytes go to a spill file as it is added, and
+when the shard is full the safetensors file is written from it (header, then the data in the order
+safetensors' own writer uses, which `_safetensors_layout` asks safetensors for). For a 14B model
+the open shard (2 GB by default) would otherwise be the largest thing in memory.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +33,41 @@ INDEX_NAME = "model.safetensors.index.json"
 def write_json(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+@dataclass
+class _Spilled:
+    """One tensor of the open shard: where its bytes are in the spill file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (any dtype, bfloat16 and bool included)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _safetensors_layout(entries: dict[str, _Spilled], metadata: dict) -> tuple[dict, list[str]]:
+    """The header safetensors' `save_file` writes for these tensors, and the names in data order.
+
+    safetensors sorts the data by dtype, then name, and writes the header's keys in that order;
+    the sort key is its own (an enum's order), so it is asked, on empty tensors of the same names
+    and dtypes, rather than restated here."""
+    from safetensors.torch import save
+
+    probe = save({name: torch.empty(0, dtype=e.dtype) for name, e in entries.items()}, metadata=metadata)
+    (length,) = struct.unpack("<Q", probe[:8])
+    header = json.loads(probe[8 : 8 + length])
+    order = [name for name in header if name != "__metadata__"]
+    start = 0
+    for name in order:
+        header[name]["shape"] = list(entries[name].shape)
+        header[name]["data_offsets"] = [start, start + entries[name].nbytes]
+        start += entries[name].nbytes
+    return header, order
 
 
 def _shard_name(index: int, count: int) -> str:
@@ -45,7 +87,10 @@ class ShardWriter:
             raise ValueError(f"{self.out_dir} is not a directory")
         self.max_shard_size = int(max_shard_size)
         self.metadata = {"format": "pt"} if metadata is None else dict(metadata)
-        self._shard: dict[str, torch.Tensor] = {}  # the open shard (the only tensors held)
+        self._shard: dict[str, _Spilled] = {}  # the open shard: its tensors' places in the spill file
+        self._spill = None  # the open shard's spill file (binary, append)
+        self._spill_path: Path | None = None
+        self._spill_size = 0
         self._shard_size = 0
         self._shard_names: list[list[str]] = []  # tensor names of each written shard, in shard order
         self._names: set[str] = set()
@@ -86,7 +131,7 @@ class ShardWriter:
                     "huggingface_hub would store it in that shard"
                 )
             self._names.add(name)
-            self._shard[name] = tensor  # joins its storage's first tensor, uncounted
+            self._spill_tensor(name, tensor)  # joins its storage's first tensor, uncounted
             return
         self._names.add(name)
         size = get_torch_storage_size(tensor)
@@ -98,7 +143,7 @@ class ShardWriter:
         if self._shard_size + size > self.max_shard_size:
             self._flush()
         self._remember(storage_id, tensor, None)
-        self._shard[name] = tensor
+        self._spill_tensor(name, tensor)
         self._shard_size += size
 
     def close(self) -> list[Path]:
@@ -139,6 +184,7 @@ class ShardWriter:
         """Remove the files written so far; the writer cannot be used afterwards."""
         self._aborted = True
         self._shard, self._open_storages = {}, []
+        self._close_spill()
         self._storages.clear()
         for path in self._written:
             path.unlink(missing_ok=True)
@@ -164,19 +210,64 @@ class ShardWriter:
     def _temporary(self, index: int) -> Path:
         return self.out_dir / f"model-{index + 1:05d}.safetensors.tmp"
 
+    def _spill_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        if self._spill is None:
+            path = self._spill_path = self.out_dir / f"model-{len(self._shard_names) + 1:05d}.safetensors.tmp.spill"
+            if path.exists():
+                raise FileExistsError(f"{path} exists")
+            self._written.append(path)  # removed by abort; by _flush once the shard is written
+            self._spill = open(path, "xb")
+            self._spill_size = 0
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            self._spill.write(_tensor_bytes(tensor))
+        self._shard[name] = _Spilled(tensor.dtype, tuple(tensor.shape), self._spill_size, nbytes)
+        self._spill_size += nbytes
+
+    def _close_spill(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
     def _flush(self) -> None:
         shard = len(self._shard_names)
         for storage_id in self._open_storages:
             self._storages[storage_id] = (shard, self._storages[storage_id][1])
-        tensors, self._shard, self._shard_size, self._open_storages = self._shard, {}, 0, []
-        self._write(tensors)
+        entries, self._shard, self._shard_size, self._open_storages = self._shard, {}, 0, []
+        spill = self._spill_path
+        self._close_spill()
+        path = self._temporary(shard)
+        if path.exists():
+            raise FileExistsError(f"{path} exists")
+        self._shard_names.append(list(entries))
+        self._written.insert(len(self._shard_names) - 1, path)  # shards first, in order (close renames them)
+        header, order = _safetensors_layout(entries, self.metadata)
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+        with open(path, "xb") as out, open(spill, "rb") as source:
+            out.write(struct.pack("<Q", len(text)) + text)
+            for name in order:
+                source.seek(entries[name].offset)
+                _copy_bytes(source, out, entries[name].nbytes)
+        spill.unlink()
+        self._written.remove(spill)
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A shard of its own for one tensor bigger than the limit (written straight away)."""
         from safetensors.torch import save_file
 
         path = self._temporary(len(self._shard_names))
         if path.exists():
             raise FileExistsError(f"{path} exists")
         self._shard_names.append(list(tensors))
-        self._written.append(path)
+        self._written.insert(len(self._shard_names) - 1, path)
         save_file(tensors, path, metadata=self.metadata)
+
+
+def _copy_bytes(source, out, nbytes: int, chunk: int = 64 << 20) -> None:
+    while nbytes:
+        data = source.read(min(chunk, nbytes))
+        if not data:
+            raise OSError(f"{source.name} ended {nbytes} bytes early")
+        out.write(data)
+        nbytes -= len(data)
