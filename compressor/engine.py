@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.architectures import Architecture
+from compressor.monitor import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,30 @@ class InputStatistics:
     """Running X^T X of a linear's inputs, in float32 on the compute device."""
 
     def __init__(self, width: int, device: torch.device):
-        self.sum = torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.width, self.device = width, device
+        # Allocated at the first input, not with the block: a down projection's (0.8 GB for an
+        # 8B model) would otherwise sit in memory while the block's earlier groups are compressed.
+        self.sum: torch.Tensor | None = None
         self.rows = 0
         self._finished = False
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(self.width, self.width, dtype=torch.float32, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
         if self._finished:
             raise RuntimeError("InputStatistics.add after hessian(): the sum was scaled in place")
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.sum is None:
+            self.sum = self._zeros()
         self.sum.addmm_(x.T, x)
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         """H = 2/n X^T X (GPTQ's normalisation; algorithms that need ||x_j|| use its diagonal).
         Scaled in place, once (no second K x K copy): the statistics are finished after this."""
+        if self.sum is None:
+            self.sum = self._zeros()
         if not self._finished:
             self.sum.mul_(2.0 / max(self.rows, 1))
             self._finished = True
@@ -203,6 +214,7 @@ def _compress_block(block, groups, inputs, algorithm, options, records):
     def compress_group(g: int) -> None:
         records.update(algorithm.compress(groups[g], group_stats[g]))
         group_stats[g] = None  # free the Hessian
+        return_freed_memory()
 
     group_stats: list[InputStatistics | None] = [
         InputStatistics(members[0][1].in_features, options.device) for members in groups

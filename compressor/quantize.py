@@ -6,18 +6,58 @@ fake-quantized (dequantized) weights and returns the quantized records the expor
 
 from __future__ import annotations
 
+import ctypes
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from compressor.algorithms.gptq import gptq_quantize, rtn_quantize_result
+from compressor.algorithms.gptq import gptq_quantize, prepare_hessian, relative_error, row_output_errors, rtn_quantize_result
 from compressor.algorithms.quant import QuantizedWeight
 from compressor.architectures import architecture_of
 from compressor.engine import EngineOptions, InputStatistics, run_layerwise
 from compressor.recipe import QuantizeStage
+
+
+# A Hessian at least this big waits on disk while GPTQ's column loop runs: the loop needs only
+# the inverse's factor, and H is needed again only for the output error at the end, so a layer
+# holds one K x K buffer at a time instead of two (an 8B model's 14336-wide down projection:
+# 0.82 GB each). Writing and reading it back costs about a second.
+OFFLOAD_HESSIAN_BYTES = 256 << 20
+
+
+@contextmanager
+def tensor_on_disk(tensor: torch.Tensor):
+    """Free `tensor`'s memory for the duration of the block: its bytes wait in a temporary file
+    and are read back into it (the same tensor object, so every reference to it stays valid)."""
+    storage = tensor.untyped_storage()
+    if not tensor.is_contiguous() or tensor.storage_offset() or storage.nbytes() != tensor.numel() * tensor.element_size():
+        yield  # a view of something bigger: nothing to free
+        return
+    nbytes = storage.nbytes()
+    with tempfile.TemporaryFile(prefix="compressor-hessian-") as file:
+        file.write(_raw_bytes(tensor, nbytes))
+        storage.resize_(0)
+        try:
+            yield
+        finally:
+            storage.resize_(nbytes)
+            file.seek(0)
+            view, done = memoryview(_raw_bytes(tensor, nbytes)).cast("B"), 0
+            while done < nbytes:
+                read = file.readinto(view[done:])
+                if not read:
+                    raise OSError(f"the Hessian's temporary file ended {nbytes - done} bytes early")
+                done += read
+
+
+def _raw_bytes(tensor: torch.Tensor, nbytes: int):
+    # Through ctypes, not .numpy(): numpy's view would make the storage non-resizable for good.
+    return (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
 
 
 @dataclass
@@ -34,15 +74,22 @@ class GPTQLayerwise:
         hessian = stats.hessian()
         # GPTQ treats output rows independently given H, so linears sharing an input (q/k/v,
         # gate/up) are quantized as one stacked matrix: one factorisation, one column loop.
-        stacked = torch.cat([linear.weight.detach().float() for _, linear in linears])
+        stacked = torch.cat([linear.weight.detach().float() for _, linear in linears]) if len(linears) > 1 else linears[0][1].weight.detach().float()
         # After a prune stage, zeros are a mask to keep: GPTQ then never revives a pruned weight.
         mask = stacked != 0 if self.keep_zeros else None
         if o.method == "gptq":
-            result = gptq_quantize(
-                stacked, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                act_order=o.desc_act, static_groups=o.static_groups, block_size=o.block_size,
-                damp_percent=o.damp_percent, max_damp_percent=o.max_damp_percent, mse=o.mse, mask=mask,
-            )  # fmt: skip
+            prepared = prepare_hessian(hessian, act_order=o.desc_act, damp_percent=o.damp_percent, max_damp_percent=o.max_damp_percent)
+            options = dict(bits=o.bits, group_size=o.group_size, sym=o.sym, act_order=o.desc_act, static_groups=o.static_groups,
+                           block_size=o.block_size, damp_percent=o.damp_percent, max_damp_percent=o.max_damp_percent,
+                           mse=o.mse, mask=mask, prepared=prepared)  # fmt: skip
+            if hessian.device.type == "cpu" and hessian.numel() * hessian.element_size() >= OFFLOAD_HESSIAN_BYTES:
+                with tensor_on_disk(hessian):
+                    result = gptq_quantize(stacked, None, **options)
+                    del prepared, options  # the factor is freed before H's memory comes back
+                result.row_errors = row_output_errors(stacked, result.weight, hessian)
+                result.relative_error = relative_error(*result.row_errors)
+            else:
+                result = gptq_quantize(stacked, hessian, **options)
         else:
             result = rtn_quantize_result(stacked, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym)
         seconds = (time.perf_counter() - start) / len(linears)

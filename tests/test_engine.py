@@ -348,3 +348,63 @@ def test_moving_the_model_front_keeps_tied_embeddings_tied():
     assert model.lm_head.weight.dtype == torch.float64 and model.model.norm.weight.dtype == torch.float64
     assert arch.block_list(model)[0].mlp.up_proj.weight.dtype == torch.float32
     assert len(arch.block_list(model)) == 2
+
+
+# --- memory: a wide layer's Hessian waits on disk during the column loop -------------------------
+
+
+def test_hessian_offloaded_during_the_column_loop_gives_the_same_result(monkeypatch, one_pass):
+    """With every Hessian offloaded (threshold 0), the quantized model and records are those of
+    the in-memory path, and the Hessian's memory really is released during the loop."""
+    import compressor.algorithms.gptq as gptq
+
+    sizes_in_loop = []
+    real = gptq.gptq_quantize
+
+    def spy(weight, hessian, **kwargs):
+        sizes_in_loop.append(kwargs["prepared"].factor.shape[0])
+        return real(weight, hessian, **kwargs)
+
+    model = make_tiny_llama()
+    monkeypatch.setattr(quantize_module, "OFFLOAD_HESSIAN_BYTES", 0)
+    monkeypatch.setattr(quantize_module, "gptq_quantize", spy)
+    freed = []
+    real_on_disk = quantize_module.tensor_on_disk
+
+    def watching(tensor):
+        class Watch:
+            def __enter__(self):
+                self.inner = real_on_disk(tensor)
+                self.inner.__enter__()
+                freed.append(tensor.untyped_storage().nbytes() == 0)
+
+            def __exit__(self, *exc):
+                return self.inner.__exit__(*exc)
+
+        return Watch()
+
+    monkeypatch.setattr(quantize_module, "tensor_on_disk", watching)
+    outcome = quantize_(model, stage(), IDS, options())
+    ref_model, ref, _ = one_pass
+    assert sizes_in_loop and freed and all(freed)
+    assert outcome.layers.keys() == ref.layers.keys()
+    for name, record in outcome.layers.items():
+        assert record["relative_error"] == ref.layers[name]["relative_error"], name
+        assert torch.equal(outcome.quantized[name].codes, ref.quantized[name].codes), name
+    for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_tensor_on_disk_frees_and_restores_in_place():
+    t = torch.randn(300, 200)
+    expected, row = t.clone(), t[7]
+    with quantize_module.tensor_on_disk(t):
+        assert t.untyped_storage().nbytes() == 0
+    assert torch.equal(t, expected) and torch.equal(row, expected[7])
+    with pytest.raises(RuntimeError, match="boom"):
+        with quantize_module.tensor_on_disk(t):
+            raise RuntimeError("boom")
+    assert torch.equal(t, expected)  # restored on the way out of an error too
+    view = t[10:20]
+    with quantize_module.tensor_on_disk(view):  # a view of a bigger storage: left alone
+        assert t.untyped_storage().nbytes() == 300 * 200 * 4

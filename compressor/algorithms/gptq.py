@@ -9,6 +9,12 @@ The tricks, each briefly:
   sequential OBS step needs, so no matrix is re-inverted inside the loop.
 - Lazy batch updates: columns are processed in blocks of `block_size`; inside a block the error
   is propagated column by column, to the rest of the matrix once per block (one matmul).
+- The loop works on W transposed (a column of W is a contiguous row): every per-column operation
+  then reads contiguous memory instead of one float per cache line, 4x faster on a CPU.
+- Memory: `prepare_hessian` builds the permuted, damped H straight into the one K x K buffer that
+  LAPACK factors in place, leaving H untouched; after it, H is needed only for the output error,
+  so a caller may set it aside during the loop (compressor/quantize.py does for wide layers).
+  The model's weight is rebuilt from the codes at the end rather than kept alongside them.
 - Damping: H += damp * mean(diag H) * I. If H is still not positive definite, damping doubles
   (and is logged) up to `max_damp_percent`.
 - Dead inputs (a zero diagonal: the input column was always 0) get H_ii = 1 and W[:, i] = 0;
@@ -77,27 +83,41 @@ def output_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.
 
 
 def inverse_hessian_cholesky(
-    hessian: torch.Tensor, damp_percent: float, max_damp_percent: float
+    hessian: torch.Tensor, damp_percent: float, max_damp_percent: float, perm: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, escalating damp until it exists."""
-    mean_diag = torch.mean(torch.diag(hessian))
+    """Upper Cholesky factor of (H + damp*mean(diag)*I)^-1, escalating damp until it exists.
+
+    `perm`: factor P H P^T (the columns in processing order) instead, built straight into the
+    one work buffer. Dead inputs (H_ii = 0) get H_ii = 1 in it. `hessian` itself is not changed:
+    the caller still needs it for the output error, so a layer costs two K x K buffers, not five."""
+    k = hessian.shape[0]
+    diagonal = torch.diag(hessian).clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    if perm is not None:
+        diagonal = diagonal[perm]
+    mean_diag = torch.mean(diagonal)
     damp = damp_percent
     info = torch.empty((), dtype=torch.int32, device=hessian.device)
+    work = torch.empty_strided((k, k), (1, k), dtype=torch.float32, device=hessian.device)
+    rows = max(1, (32 << 20) // (4 * k))  # rows gathered per step: ~32 MB of temporaries
     while True:
-        # One K x K buffer for the three steps (LAPACK works in place; torch's out= lets it): for
-        # a 14336-wide down projection each copy is 0.8 GB, and the steps used to hold four.
-        # Column-major, as LAPACK and torch's own results are: torch then works in it without copies,
-        # and the factor has the layout the column loop's matmuls were tuned (and tested bitwise) on.
-        work = torch.empty_strided(hessian.shape, (1, hessian.shape[0]), dtype=hessian.dtype, device=hessian.device)
-        work.copy_(hessian)
-        work.diagonal().add_(damp * mean_diag)
+        # LAPACK works in place and torch's out= lets it; column-major as LAPACK wants, so torch
+        # makes no copies. H is symmetric, so writing P H P^T's rows into the transpose of the
+        # column-major buffer fills it with P H P^T.
+        rows_view = work.T
+        for r in range(0, k, rows):
+            if perm is None:
+                rows_view[r : r + rows] = hessian[r : r + rows]
+            else:
+                rows_view[r : r + rows] = hessian.index_select(0, perm[r : r + rows]).index_select(1, perm)
+        work.diagonal().copy_(diagonal).add_(damp * mean_diag)
         torch.linalg.cholesky_ex(work, out=(work, info))
         if info == 0:
             torch.cholesky_inverse(work.tril_(), out=work)
             torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
             if info == 0:
                 return work, damp
-        del work
         if damp * 2 > max_damp_percent + 1e-12:
             raise HessianNotPositiveDefinite(
                 f"Hessian is not positive definite even with damp_percent={damp:g}; "
@@ -107,9 +127,31 @@ def inverse_hessian_cholesky(
         damp *= 2
 
 
+@dataclass
+class PreparedHessian:
+    """What GPTQ's column loop needs from H: the processing order and the inverse's factor.
+    Once it exists, H itself is needed only for the output error at the end (so a caller short of
+    memory can put H aside while the loop runs: compressor/quantize.py does, for wide layers)."""
+
+    perm: torch.Tensor  # processing position -> input column (act-order, else identity)
+    dead: torch.Tensor  # [K] bool: inputs that were always 0
+    factor: torch.Tensor  # upper Cholesky factor of the damped, permuted H^-1 (K x K)
+    damp_percent: float  # damping actually used (after escalation)
+
+
+def prepare_hessian(hessian: torch.Tensor, *, act_order: bool = False, damp_percent: float = 0.01,
+                    max_damp_percent: float = 1.0) -> PreparedHessian:  # fmt: skip
+    hessian = hessian.detach().float()
+    diagonal = torch.diag(hessian)
+    dead = diagonal == 0
+    perm = torch.argsort(diagonal.masked_fill(dead, 1), descending=True) if act_order else torch.arange(len(diagonal), device=hessian.device)
+    factor, damp = inverse_hessian_cholesky(hessian, damp_percent, max_damp_percent, perm if act_order else None)
+    return PreparedHessian(perm, dead, factor, damp)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     *,
     bits: int,
     group_size: int = 128,
@@ -121,43 +163,47 @@ def gptq_quantize(
     max_damp_percent: float = 1.0,
     mse: bool = False,
     mask: torch.Tensor | None = None,
+    prepared: PreparedHessian | None = None,
 ) -> QuantizeResult:
+    """GPTQ of `weight` [N, K] on its input Hessian [K, K]. With `prepared` (from `prepare_hessian`
+    with the same act_order and damping), `hessian` is used only for the output error; None skips
+    that (relative_error nan, row_errors None: the caller computes them with `row_output_errors`)."""
     n, k = weight.shape
     gs = k if group_size == -1 else group_size
     if k % gs:
         raise ValueError(f"group_size {group_size} does not divide the input width {k}")
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H.diagonal()[dead] = 1
-    W[:, dead] = 0
+    if prepared is None:
+        if hessian is None:
+            raise ValueError("gptq_quantize needs the Hessian or a prepared one")
+        prepared = prepare_hessian(hessian, act_order=act_order, damp_percent=damp_percent, max_damp_percent=max_damp_percent)
+    perm, dead, Hinv, damp_used = prepared.perm, prepared.dead, prepared.factor, prepared.damp_percent
+    del prepared
+    dev = weight.device
 
     num_groups = k // gs
-    dev = W.device
     scales = torch.zeros(num_groups, n, device=dev)
     zeros = torch.zeros(num_groups, n, device=dev)
-    if static_groups:
+    if static_groups:  # every group's grid from the unquantized weight (dead inputs as 0)
         for g in range(num_groups):
-            scales[g], zeros[g] = grid_params(W[:, g * gs : (g + 1) * gs], bits, sym, mse)
+            columns = slice(g * gs, (g + 1) * gs)
+            scales[g], zeros[g] = grid_params(weight[:, columns].detach().float().masked_fill(dead[columns], 0), bits, sym, mse)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=dev)
-    W = W[:, perm]
-    kept = mask[:, perm] if mask is not None else None
-    H = H.index_select(0, perm).index_select(1, perm)
-    Hinv, damp_used = inverse_hessian_cholesky(H, damp_percent, max_damp_percent)
-    del H  # only its inverse's factor is used from here
+    # Columns in processing order, transposed: column j of W is row j of Wt, so the loop's
+    # per-column work (round, error, rank-1 update) runs on contiguous memory, ~4x faster than
+    # on the strided columns of [N, K].
+    Wt = weight.detach().float().T.index_select(0, perm)
+    Wt[dead[perm]] = 0  # a dead input never influences the output: quantize it as 0
+    kept_t = mask.T.index_select(0, perm) if mask is not None else None
 
     maxq = max_code(bits)
-    Q = torch.zeros_like(W)
-    codes = torch.zeros(n, k, dtype=torch.uint8, device=dev)  # small integers: exact, a quarter of float32
+    codes_t = torch.zeros(k, n, dtype=torch.uint8, device=dev)  # small integers: exact, a quarter of float32
     # Group of each position in processing order: its original column's group when static,
     # else consecutive runs of gs in processing order.
     group_of_position = perm // gs if static_groups else torch.arange(k, device=dev) // gs
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2].clone()
         codes1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
@@ -167,32 +213,38 @@ def gptq_quantize(
                 # The grid comes from the weights as updated so far: columns inside this block
                 # from W1; columns past it from W plus the updates this block still owes them
                 # (so the result does not depend on block_size).
-                ahead = W1[:, i : i + gs]
+                ahead = W1[i : i + gs]
                 if i + gs > i2 - i1:
-                    beyond = W[:, i2 : col + gs] - Err1[:, :i] @ Hinv[i1:col, i2 : col + gs]
-                    ahead = torch.cat([ahead, beyond], dim=1)
+                    beyond = Wt[i2 : col + gs] - Hinv[i1:col, i2 : col + gs].T @ Err1[:i]
+                    ahead = torch.cat([ahead, beyond])
                 g = col // gs
-                scales[g], zeros[g] = grid_params(ahead, bits, sym, mse)
+                scales[g], zeros[g] = grid_params(ahead.T.contiguous(), bits, sym, mse)
             if col == 0 or group_of_position[col] != group_of_position[col - 1]:
                 scale, zero = scales[int(group_of_position[col])], zeros[int(group_of_position[col])]
-            w = W1[:, i]
+            w = W1[i]
             q = torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
-            if kept is not None:
-                q = torch.where(kept[:, col], q, zero)  # pruned stays exactly 0; its error spreads
-            codes1[:, i] = q
+            if kept_t is not None:
+                q = torch.where(kept_t[col], q, zero)  # pruned stays exactly 0; its error spreads
+            codes1[i] = q
             w_hat = (q - zero).mul_(scale)
-            Q1[:, i] = w_hat
             err = (w - w_hat).div_(Hinv1[i, i])
-            Err1[:, i] = err
-            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)  # spread the error (rank-1)
-        Q[:, i1:i2] = Q1
-        codes[:, i1:i2] = codes1.to(torch.uint8)
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns ahead
+            Err1[i] = err
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)  # spread the error (rank-1)
+        codes_t[i1:i2] = codes1
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy update of the columns ahead
+    del Wt, Hinv, Hinv1, W1, codes1, Err1  # Hinv1 is a view: it would keep the K x K factor alive
 
     inverse = torch.argsort(perm)
-    Q = Q[:, inverse]
-    codes = codes[:, inverse]
+    codes = codes_t.index_select(0, inverse).T.contiguous()
+    del codes_t
     g_idx = group_of_position[inverse].to(torch.int32)
+    # The weight the model holds is exactly what the loop rounded to: (q - zero) * scale, per
+    # column with its group's float32 grid (rebuilt from the codes, so no [N, K] copy was kept).
+    Q = torch.empty(n, k, device=dev)
+    step = max(1, (16 << 20) // (4 * n))
+    for c in range(0, k, step):
+        groups = g_idx[c : c + step].long()
+        Q[:, c : c + step] = (codes[:, c : c + step].float() - zeros[groups].T).mul_(scales[groups].T)
     quantized = QuantizedWeight(
         codes=codes,
         scales=scales.half(),
@@ -202,7 +254,9 @@ def gptq_quantize(
         group_size=group_size,
         sym=sym,
     )
-    rows = row_output_errors(weight, Q, hessian.float())
+    if hessian is None:
+        return QuantizeResult(Q, quantized, float("nan"), damp_used)
+    rows = row_output_errors(weight, Q, hessian.detach().float())
     return QuantizeResult(Q, quantized, relative_error(*rows), damp_used, rows)
 
 

@@ -129,39 +129,40 @@ def sparsegpt_prune(
     if nm is not None:
         block_size = max(nm[1], block_size // nm[1] * nm[1])
 
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    U, _ = inverse_hessian_cholesky(H, damp_percent, max_damp_percent)
+    hessian = hessian.detach().float()
+    dead = torch.diag(hessian) == 0
+    U, _ = inverse_hessian_cholesky(hessian, damp_percent, max_damp_percent)  # dead inputs get H_ii = 1 in it
     saliency = torch.diag(U).pow(-2).masked_fill(dead, 0)  # score = w^2 * saliency; dead inputs are free
 
-    keep = torch.ones(rows, k, dtype=torch.bool)
+    # Transposed (column j of W is row j of Wt), as in GPTQ: the per-column work runs on
+    # contiguous memory, and the arithmetic is GPTQ's exactly (tests pin the two together).
+    Wt = weight.detach().float().T.contiguous()
+    keep_t = torch.ones(k, rows, dtype=torch.bool)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2]  # a view: each column is overwritten with its final value once processed
+        W1 = Wt[i1:i2]  # a view: each column is overwritten with its final value once processed
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         if nm is None:
             quota = _zeros_upto(sparsity, i2) - _zeros_upto(sparsity, i1)
-            keep[:, i1:i2] = _prune_lowest(W1.square() * saliency[i1:i2], quota)
+            keep_t[i1:i2] = _prune_lowest(W1.T.square() * saliency[i1:i2], quota).T
         for i in range(i2 - i1):
             col = i1 + i
             if nm is not None and col % nm[1] == 0:
                 group = slice(col, col + nm[1])
-                keep[:, group] = _keep_highest_nm(W1[:, i : i + nm[1]].square() * saliency[group], *nm)
-            w = W1[:, i]
-            pruned = ~keep[:, col]
+                keep_t[group] = _keep_highest_nm(W1[i : i + nm[1]].T.square() * saliency[group], *nm).T
+            w = W1[i]
+            pruned = ~keep_t[col]
             q = w.masked_fill(pruned, 0)
             if quantizer is not None:
                 q = quantizer(q, col).float().masked_fill(pruned, 0)
             err = (w - q).div_(U1[i, i])
-            W1[:, i] = q
-            Err1[:, i] = err
-            # spread the error (rank-1; addmm_ rather than addr_: BLAS, about 25% faster here)
-            W1[:, i + 1 :].addmm_(err[:, None], U1[i : i + 1, i + 1 :], alpha=-1)
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # lazy update of the columns ahead
-    return _result(weight, W, keep, hessian)
+            W1[i] = q
+            Err1[i] = err
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)  # spread the error (rank-1)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)  # lazy update of the columns ahead
+    del U, U1  # U1 is a view: it would keep the K x K factor alive
+    return _result(weight, Wt.T.contiguous(), keep_t.T.contiguous(), hessian)
 
 
 def _check_pattern(pattern) -> tuple[int, int]:
