@@ -147,10 +147,10 @@ def main() -> None:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     t = report["timings"]
     print(f"\n{name}: {report['model']['parameters'] / 1e9:.2f}B parameters, compress run {run['seconds']:.0f} s, "
-          f"peak RSS {run['peak_rss_mb'] / 1024:.2f} GB; generate 8 tokens: {gen['seconds']:.0f} s, peak RSS "
-          f"{gen['peak_rss_mb'] / 1024:.2f} GB, exit {gen['exit_code']}")  # fmt: skip
+          f"peak RSS {run['peak_rss_mb'] / 1024:.2f} GiB; generate 8 tokens: {gen['seconds']:.0f} s, peak RSS "
+          f"{gen['peak_rss_mb'] / 1024:.2f} GiB, exit {gen['exit_code']}")  # fmt: skip
     for phase, m in t.items():
-        print(f"  {phase}: {m['seconds']:.1f} s, peak {m['peak_rss_mb'] / 1024:.2f} GB")
+        print(f"  {phase}: {m['seconds']:.1f} s, peak {m['peak_rss_mb'] / 1024:.2f} GiB")
     if "extrapolated_seconds" in result:
         print(f"  extrapolated to {full_layers} blocks: {result['extrapolated_seconds']:.0f} s ({result['seconds_per_block_mean']:.1f} s per block)")
     print(f"wrote {args.json}", file=sys.stderr)
