@@ -26,7 +26,7 @@ from compressor.recipe import QuantizeStage
 # A Hessian at least this big waits on disk while GPTQ's column loop runs: the loop needs only
 # the inverse's factor, and H is needed again only for the output error at the end, so a layer
 # holds one K x K buffer at a time instead of two (an 8B model's 14336-wide down projection:
-# 0.82 GB each). Writing and reading it back costs about a second.
+# 0.82 GB each), for one write and one read of the file.
 OFFLOAD_HESSIAN_BYTES = 256 << 20
 
 

@@ -10,7 +10,7 @@ The tricks, each briefly:
 - Lazy batch updates: columns are processed in blocks of `block_size`; inside a block the error
   is propagated column by column, to the rest of the matrix once per block (one matmul).
 - The loop works on W transposed (a column of W is a contiguous row): every per-column operation
-  then reads contiguous memory instead of one float per cache line, 4x faster on a CPU.
+  then reads contiguous memory instead of one float per cache line.
 - Memory: `prepare_hessian` builds the permuted, damped H straight into the one K x K buffer that
   LAPACK factors in place, leaving H untouched; after it, H is needed only for the output error,
   so a caller may set it aside during the loop (compressor/quantize.py does for wide layers).
@@ -189,8 +189,8 @@ def gptq_quantize(
             scales[g], zeros[g] = grid_params(weight[:, columns].detach().float().masked_fill(dead[columns], 0), bits, sym, mse)
 
     # Columns in processing order, transposed: column j of W is row j of Wt, so the loop's
-    # per-column work (round, error, rank-1 update) runs on contiguous memory, ~4x faster than
-    # on the strided columns of [N, K].
+    # per-column work (round, error, rank-1 update) runs on contiguous memory, not on the
+    # strided columns of [N, K].
     Wt = weight.detach().float().T.index_select(0, perm)
     Wt[dead[perm]] = 0  # a dead input never influences the output: quantize it as 0
     kept_t = mask.T.index_select(0, perm) if mask is not None else None
