@@ -2,7 +2,7 @@
 // conversion without integer-to-float instructions, and the split-K fix-up.
 //
 // ---------------------------------------------------------------------------------------------
-// Repacked layout ("tiles"), written at load time by kernels/repack.py (which has a pure-torch
+// Repacked layout ("tiles"), written at load time by compressor/kernels/repack.py (which has a pure-torch
 // CPU reference of the same thing and an emulator of how the kernels read it).
 //
 // GPTQ v1 stores qweight as int32 [K*bits/32, N]: 32/bits codes of one column along K per

@@ -4,7 +4,7 @@
 //   * every lane fetches 16 bytes per load (one 512-byte tile per warp, see common.h) and keeps
 //     kInFlight = 4 such loads outstanding, plus the next 4 prefetched while it computes;
 //   * grid = (32-column tiles, K splits): a 4096 x 4096 layer has only 128 column tiles, so K is
-//     split until there are a few blocks per SM (plan in kernels/ops.py), with the deterministic
+//     split until there are a few blocks per SM (plan in compressor/kernels/ops.py), with the deterministic
 //     fix-up from common.h; the 4 warps of a block take interleaved tiles of its K range so the
 //     block reads consecutive 2 KB runs;
 //   * the activations of the block's K range are staged in shared memory once (<= 16 KB) while

@@ -3,6 +3,7 @@ nominal sizes' parameter counts (computed, never written)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import make_synthetic  # noqa: E402
+
+def _load_script(path: Path):
+    """Import a benchmarks/ script by its path, without putting benchmarks/ on sys.path (where its
+    file names could shadow installed modules for every later test)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+make_synthetic = _load_script(Path(__file__).resolve().parent.parent / "benchmarks" / "make_synthetic.py")
 
 TINY = ["--params", "tiny", "--max-shard-size", "20KB", "--no-progress"]
 

@@ -28,7 +28,16 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-KERNEL_DIR = Path(__file__).resolve().parent
+
+def _source_dir() -> Path:
+    """The C/CUDA sources: compressor/kernels/csrc in an installed wheel, the top-level kernels/
+    folder in a source checkout (editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "csrc"
+    return installed if installed.is_dir() else here.parent.parent / "kernels"
+
+
+KERNEL_DIR = _source_dir()
 SOURCES = ("gemv.cu", "mma.cu")
 HEADERS = ("common.h",)
 DEFAULT_ARCHS = ("80", "90")  # A100, H100/H200; compute_90 PTX is embedded too for newer GPUs

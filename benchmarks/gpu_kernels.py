@@ -13,8 +13,8 @@ both in the same run:
   * act-order cost: the same shapes with a random g_idx (rows sorted at load; the kernels gather
     x[:, perm] while staging activations), as the time over the plain kernel's.
 
-    python benchmarks/kernels.py                      # 4-bit g128 symmetric, all shapes and M
-    python benchmarks/kernels.py --bits 8 --m 1 16 --json out.json
+    python benchmarks/gpu_kernels.py                      # 4-bit g128 symmetric, all shapes and M
+    python benchmarks/gpu_kernels.py --bits 8 --m 1 16 --json out.json
 
 Needs a CUDA GPU (compute capability >= 8.0) and nvcc (the kernels build on first use).
 """

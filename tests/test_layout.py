@@ -1,0 +1,66 @@
+"""The repository's layout does not leak into Python's import namespace.
+
+The checkout's root is on sys.path under `python -m pytest` and in a REPL started there, and
+benchmarks/ is when a script in it runs. A module or package there named like an installed one
+shadows it: a `kernels` package at the root broke `import transformers` once transformers 5.25
+began importing Hugging Face's `kernels` library.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Optional imports of our dependencies that may not be installed here but are on a user's machine.
+OPTIONALLY_IMPORTED = {"kernels", "flash_attn", "optimum", "gptqmodel", "auto_gptq", "vllm", "llama_cpp", "onnx"}
+
+
+def _importable_names(folder: Path) -> set[str]:
+    """Names `import NAME` resolves inside `folder`: modules and regular packages (namespace
+    folders lose to an installed package, so they cannot shadow one)."""
+    names = {p.stem for p in folder.glob("*.py")}
+    names |= {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    return names
+
+
+@pytest.mark.parametrize("folder", [ROOT, ROOT / "benchmarks"], ids=["root", "benchmarks"])
+def test_no_module_in_the_checkout_shadows_an_installed_one(folder):
+    installed = set(importlib.metadata.packages_distributions()) - {"compressor"}
+    clashes = sorted(_importable_names(folder) & (installed | OPTIONALLY_IMPORTED | set(sys.stdlib_module_names)))
+    assert not clashes, f"{folder.relative_to(ROOT.parent)} shadows installed modules: {clashes}"
+
+
+def test_transformers_imports_from_the_checkout_root():
+    code = "import transformers; from transformers import LlamaForCausalLM; import compressor.kernels.build"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_wheel_installs_everything_under_compressor_with_the_kernel_sources(tmp_path):
+    """A non-editable install must carry the C/CUDA sources that compressor.kernels.build compiles."""
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "pyproject.toml", "README.md", "compressor", "evaluation", "kernels"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    if not tracked:
+        pytest.skip("not a git checkout")
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("compressor-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert top == {"compressor"}
+    sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".c", ".cu", ".h"))
+    assert sources and all(f"compressor/kernels/csrc/{s}" in names for s in sources)
+    assert "compressor/kernels/build.py" in names and "compressor/evaluation/perplexity.py" in names
