@@ -13,7 +13,7 @@ and nothing else changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -35,6 +35,10 @@ class Architecture:
     mlp_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # in `mlp`
     # The CPU decode step (compressor/serve/cpu_step.py) reads these RMSNorm weights.
     block_norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")  # before attention, before the MLP
+    # GGUF export (compressor/export/gguf.py): llama.cpp's architecture name, and whether its graph
+    # rotates interleaved pairs (llama) where transformers rotates halves, so that q/k rows are permuted.
+    gguf_arch: str = "llama"
+    gguf_permute_qk: bool = True
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -70,8 +74,10 @@ LLAMA_LIKE = Architecture(
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
-    "qwen2": LLAMA_LIKE,  # q/k/v carry biases; the engine and export handle biases generically
-    "qwen3": LLAMA_LIKE,  # adds q_norm/k_norm inside attention, linears unchanged
+    # q/k/v carry biases; the engine and export handle biases generically
+    "qwen2": replace(LLAMA_LIKE, gguf_arch="qwen2", gguf_permute_qk=False),
+    # adds q_norm/k_norm inside attention, linears unchanged
+    "qwen3": replace(LLAMA_LIKE, gguf_arch="qwen3", gguf_permute_qk=False),
 }
 
 

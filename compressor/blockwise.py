@@ -53,8 +53,8 @@ def blockwise_reason(recipe: Recipe) -> str | None:
     """Why this recipe cannot run block by block (None when it can)."""
     stages = recipe.stage_list()
     kinds = [kind for kind, _ in stages]
-    if recipe.export.format == "onnx":
-        return "export.format onnx converts the whole checkpoint at the end"
+    if recipe.export.format in ("onnx", "gguf", "compressed-tensors"):
+        return f"export.format {recipe.export.format} converts the whole checkpoint at the end (blockwise writes gptq or dense)"
     for kind, options in stages:
         if kind == "distill":
             return "a distill stage trains the whole model"

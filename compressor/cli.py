@@ -176,6 +176,8 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
         f"{' (counted before structured pruning)' if any(k == 'prune' and o.method == 'structured' for k, o in r.stage_list()) else ''}, "
         f"output {r.output}"
     )
+    for warning in checked["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command(name="eval")
@@ -274,6 +276,18 @@ def info(path: str | None) -> None:
 
         click.echo(yaml.safe_dump(load_recipe(p).model_dump(mode="json"), sort_keys=False).rstrip())
         return
+    gguf_file = p if p.is_file() and p.suffix == ".gguf" else p / "model.gguf" if (p / "gguf_config.json").is_file() else None
+    if gguf_file is not None:
+        from compressor.export.gguf import describe_gguf
+
+        click.echo(f"{path}: {describe_gguf(gguf_file)}")
+        manifest = p / "manifest.json"
+        if manifest.is_file():
+            from compressor.export.artifact import verify_manifest
+
+            verify_manifest(p)
+            click.echo("manifest: verified")
+        return
     if p.is_dir():
         from compressor import runtime
 
@@ -290,7 +304,9 @@ def info(path: str | None) -> None:
                        f"bits={nb.get('bits')}, block_size={nb.get('block_sizes')}, accuracy_level={nb.get('accuracy_level')}")  # fmt: skip
         elif runtime.is_gptq_artifact(p):
             qc = runtime.gptq_config(p)
-            click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc))
+            quantized_in_act_order = (qc.get("meta") or {}).get("act_order") is True and not qc.get("desc_act")
+            click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc)
+                       + (" (quantized in act-order with static groups: g_idx in order)" if quantized_in_act_order else ""))  # fmt: skip
             held = runtime.memory_estimate(p)  # what `runtime.load(p)` holds on this machine's CPU, from the headers
             click.echo(f"runtime memory (CPU, {str(runtime.default_dtype('cpu')).removeprefix('torch.')}): {held['total'] / 1e6:.1f} MB "
                        f"(packed linears {held['packed'] / 1e6:.1f} MB, float tensors {held['float'] / 1e6:.1f} MB)")  # fmt: skip
@@ -310,27 +326,49 @@ def info(path: str | None) -> None:
     raise UserError(f"{path}: no such artifact directory or recipe file")
 
 
+EXPORT_FORMATS = ("onnx", "gguf", "compressed-tensors")
+
+
 @main.command(name="export")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", required=True, metavar="FORMAT", help="Target format: onnx.")
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to write (all or nothing).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory once the new one is complete.")
+@click.option("--format", "fmt", required=True, metavar="FORMAT", help=f"Target format: {', '.join(EXPORT_FORMATS)}.")
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="Directory to write (all or nothing); for gguf a file name ending in .gguf.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing output once the new one is complete.")
 @click.option("--accuracy-level", default=0, show_default=True, type=int,
               help="onnx: MatMulNBits accuracy_level; 0 computes in float32, 4 quantizes activations to int8 (faster on CPU, less exact).")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def export_cmd(artifact: Path, fmt: str, output: Path, overwrite: bool, accuracy_level: int, no_progress: bool) -> None:
-    """Convert the GPTQ ARTIFACT into another FORMAT at --output.
+    """Convert the GPTQ ARTIFACT into another FORMAT at --output, re-expressing its weights exactly.
 
     \b
     onnx: a decoder with past key/values for onnxruntime; each GPTQ linear becomes a
     com.microsoft MatMulNBits node holding the artifact's own codes, scales and zero points.
       compress export runs/smollm2-w4g64 --format onnx --output runs/smollm2-w4g64-onnx
       compress generate runs/smollm2-w4g64-onnx "def fibonacci(n):"
+    gguf: one file for llama.cpp, Ollama and LM Studio (Q4_0/Q8_0/Q4_1 blocks, bit for bit).
+      compress export runs/smollm2-w4g64 --format gguf --output smollm2-w4g64.gguf
+    compressed-tensors: vLLM's pack-quantized checkpoint (what llm-compressor writes).
+      compress export runs/smollm2-w4g64 --format compressed-tensors --output runs/smollm2-w4g64-ct
     """
-    if fmt != "onnx":
-        raise UserError(f"--format: {fmt!r} is not supported; supported: onnx")
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format: {fmt!r} is not supported; supported: {', '.join(EXPORT_FORMATS)}")
     if accuracy_level not in (0, 4):
         raise UserError(f"--accuracy-level: {accuracy_level} is not allowed: 0 (float32) or 4 (int8 activations)")
+    if fmt == "gguf":
+        from compressor.export.gguf import export_gguf
+
+        facts = export_gguf(artifact, output, overwrite=overwrite, progress=not no_progress)
+        types = ", ".join(f"{n} {t}" for t, n in sorted(facts["tensor_types"].items()))
+        click.echo(f"gguf file: {output} ({facts['gguf_bytes'] / 1e6:.1f} MB; {types} linears)")
+        return
+    if fmt == "compressed-tensors":
+        from compressor.export.compressed_tensors import export_compressed_tensors
+
+        out = export_compressed_tensors(artifact, output, overwrite=overwrite, progress=not no_progress)
+        size = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
+        click.echo(f"compressed-tensors artifact: {out} ({size / 1e6:.1f} MB of weights)")
+        return
     from compressor.export.onnx import export_onnx, onnx_bytes
 
     out = export_onnx(artifact, output, overwrite=overwrite, accuracy_level=accuracy_level, progress=not no_progress)

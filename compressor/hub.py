@@ -108,7 +108,8 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     what = []
     if gptq:
         what.append(f"GPTQ {qc.get('bits')}-bit, group size {qc.get('group_size')}, "
-                    f"{'symmetric' if qc.get('sym') else 'asymmetric'}, desc_act={qc.get('desc_act')}")  # fmt: skip
+                    f"{'symmetric' if qc.get('sym') else 'asymmetric'}, desc_act={qc.get('desc_act')}"
+                    + (" (quantized in act-order with static groups)" if (qc.get("meta") or {}).get("act_order") and not qc.get("desc_act") else ""))  # fmt: skip
     if sparsity:
         what.append(f"{sparsity.get('structure')} pruning ({sparsity.get('method')}), "
                     f"sparsity {float(sparsity.get('global_sparsity', 0)):.3f} of the block linears")  # fmt: skip

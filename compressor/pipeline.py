@@ -24,10 +24,10 @@ from compressor.architectures import architecture_of
 from compressor.blockwise import check_whole_model_fits, choose_blockwise, round_to_fp16_, run_blockwise
 from compressor.data import calibration_batch, evaluation_tokens
 from compressor.engine import EngineOptions, is_skipped
-from compressor.errors import RecipeError
+from compressor.errors import RecipeError, UserError
 from compressor.evaluation.perplexity import perplexity
 from compressor.export.artifact import atomic_output_dir, check_output_dir, write_manifest
-from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, write_dense_checkpoint, write_gptq_checkpoint
+from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, permutes_g_idx, write_dense_checkpoint, write_gptq_checkpoint
 from compressor.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from compressor.monitor import measure
 from compressor.prune import prune_, sparsity_config, sparsity_summary
@@ -51,6 +51,10 @@ def quantized_layer_widths(model_or_config, recipe: Recipe) -> dict[str, int]:
     return {n: w for n, w in widths.items() if not is_skipped(n, skips)}
 
 
+# Export formats that hold a quantize stage's weights; all but gptq are converted from a GPTQ checkpoint.
+QUANTIZED_FORMATS = ("gptq", "onnx", "gguf", "compressed-tensors")
+
+
 def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
     """Everything `run` checks before heavy work, without loading weights."""
     stages = recipe.stage_list()
@@ -69,7 +73,7 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
             if nxt is None or nxt[0] != "quantize" or nxt[1].method != "gptq":
                 raise RecipeError(recipe_file, f"stages[{i}].prune.joint_quantize", True,
                                   "needs a `quantize: {method: gptq}` stage right after it")  # fmt: skip
-    if recipe.export.format in ("gptq", "onnx") and not quantize_stages:
+    if recipe.export.format in QUANTIZED_FORMATS and not quantize_stages:
         raise RecipeError(recipe_file, "export.format", recipe.export.format,
                           "needs a quantize stage in `stages` (or use export.format: dense)")  # fmt: skip
     if recipe.export.format == "dense" and quantize_stages:
@@ -79,6 +83,15 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
     architecture_of(config)
     if recipe.export.format == "onnx":
         _check_onnx_exportable(recipe, config, quantize_stages[0], recipe_file)
+    if recipe.export.format == "gguf":
+        from compressor.export.gguf import check_recipe_exportable
+
+        i = quantize_stages[0]
+        q = stages[i][1]
+        try:
+            check_recipe_exportable(q.bits, q.sym, q.group_size, q.desc_act, q.static_groups)
+        except UserError as exc:
+            raise RecipeError(recipe_file, "export.format", "gguf", f"stages[{i}].quantize: {exc}") from None
     widths = quantized_layer_widths(config, recipe)
     if not any(kind == "prune" and opts.method == "structured" for kind, opts in stages):
         check_against_model(recipe, widths, recipe_file)  # structured pruning changes widths: checked later
@@ -89,7 +102,14 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
             if bad:
                 raise RecipeError(recipe_file, f"stages[{i}].prune.pattern", opts.pattern,
                                   f"M must divide every pruned layer's input width (got widths {bad})")  # fmt: skip
-    return {"source": source, "config": config, "quantized_linears": len(widths)}
+    warnings = []
+    for i in quantize_stages:
+        q = stages[i][1]
+        if recipe.export.format == "gptq" and permutes_g_idx(q.desc_act, q.static_groups, q.group_size):
+            warnings.append(f"stages[{i}].quantize: desc_act true with static_groups false writes a permuted g_idx, "
+                            "which vLLM refuses to load (transformers, GPTQModel and compress load it); "
+                            "set static_groups: true for an artifact that every loader serves")  # fmt: skip
+    return {"source": source, "config": config, "quantized_linears": len(widths), "warnings": warnings}
 
 
 def _check_onnx_exportable(recipe: Recipe, config, stage_index: int, recipe_file: str) -> None:
@@ -214,6 +234,8 @@ def run(
     if recipe.compute.threads:
         torch.set_num_threads(recipe.compute.threads)
     checked = validate(recipe, recipe_file)
+    for warning in checked["warnings"]:
+        log.warning("%s", warning)
     source = checked["source"]
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
@@ -341,21 +363,30 @@ def run(
     with atomic_output_dir(out, overwrite) as tmp:
         shard_size = parse_size(recipe.export.max_shard_size)
         with measure() as m:
+            converted = None
+            write_gptq = lambda d: write_gptq_checkpoint(d, model, quantized, quant_config, tokenizer, shard_size)  # noqa: E731
+            # For the converted formats the GPTQ checkpoint is the exact intermediate: written to a
+            # temporary directory, converted into `tmp`, then deleted.
             if recipe.export.format == "onnx":
-                # The GPTQ checkpoint is the exact intermediate: written to a temporary directory,
-                # converted to MatMulNBits tensors in `tmp`, then deleted.
                 from compressor.export.onnx import convert_checkpoint_dir, onnx_bytes
 
-                onnx_config = convert_checkpoint_dir(
-                    lambda d: write_gptq_checkpoint(d, model, quantized, quant_config, tokenizer, shard_size), tmp, progress=progress
-                )  # fmt: skip
+                converted = convert_checkpoint_dir(write_gptq, tmp, progress=progress)
+            elif recipe.export.format == "gguf":
+                from compressor.export import gguf
+
+                converted = gguf.convert_checkpoint_dir(write_gptq, tmp, name=out.name, progress=progress)
+            elif recipe.export.format == "compressed-tensors":
+                from compressor.export import compressed_tensors
+
+                converted = compressed_tensors.convert_checkpoint_dir(write_gptq, tmp, progress=progress)
             elif quant_config is not None:
                 write_gptq_checkpoint(tmp, model, quantized, quant_config, tokenizer, shard_size)
             else:
                 write_dense_checkpoint(tmp, model, tokenizer, shard_size)
         timings["export"] = m.to_dict()
-        # For onnx, the sizes stay those of the GPTQ weights (what `ideal` describes); the ONNX file is added.
-        weights = onnx_config["gptq_weights_bytes"] if recipe.export.format == "onnx" else sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        # For converted formats the sizes stay those of the GPTQ weights (what `ideal` describes); the
+        # converted file's size is added below.
+        weights = converted["gptq_weights_bytes"] if converted else sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         ideal = expected_size_bytes(model, quantized)
         report["size"] = {
             "artifact_weights_bytes": weights,
@@ -367,6 +398,11 @@ def run(
         if recipe.export.format == "onnx":
             report["size"]["onnx_bytes"] = onnx_bytes(tmp)
             report["size"]["onnx_over_gptq"] = report["size"]["onnx_bytes"] / weights
+        if recipe.export.format == "gguf":
+            report["size"]["gguf_bytes"] = converted["gguf_bytes"]
+            report["size"]["gguf_over_gptq"] = converted["gguf_bytes"] / weights
+        if recipe.export.format == "compressed-tensors":
+            report["size"]["compressed_tensors_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         report["total_seconds"] = time.perf_counter() - started
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         from compressor.report import write_report

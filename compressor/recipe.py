@@ -343,12 +343,15 @@ class EvaluateSection(_Strict):
 
 
 class ExportSection(_Strict):
-    format: Literal["gptq", "dense", "onnx"] = Field(
+    format: Literal["gptq", "dense", "onnx", "gguf", "compressed-tensors"] = Field(
         "gptq",
         description="`gptq` (GPTQ v1 safetensors; needs a quantize stage), `dense` (fp16 safetensors, e.g. after "
-        "pruning) or `onnx` (an ONNX decoder with past key/values whose quantized linears are onnxruntime "
+        "pruning), `onnx` (an ONNX decoder with past key/values whose quantized linears are onnxruntime "
         "`MatMulNBits` holding the GPTQ weights; needs a quantize stage with bits 2, 4 or 8; run it with "
-        "`compress generate`, `compress eval` or `compress serve`).",
+        "`compress generate`, `compress eval` or `compress serve`), `gguf` (one `model.gguf` for llama.cpp/Ollama: "
+        "the GPTQ weights as Q4_0/Q8_0 (symmetric) or Q4_1 (asymmetric 4-bit) blocks, bit for bit; needs bits 4 or 8, "
+        "a group size that is a multiple of 32 and static groups with act-order) or `compressed-tensors` "
+        "(vLLM's `pack-quantized` checkpoint, as llm-compressor writes it; 2:4 sparsity is recorded for vLLM).",
     )
     max_shard_size: str = Field("2GB", description="Split safetensors into shards above this size.")
     overwrite: bool = Field(False, description="Replace an existing output directory (only after success).")

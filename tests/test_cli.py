@@ -58,7 +58,8 @@ def test_run_writes_the_artifact(artifact):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")], "no temporary directory left"
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == ("gptq", 4, 32, True, True)
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == ("gptq", 4, 32, True, False)
+    assert qc["meta"]["act_order"] is True and qc["static_groups"] is True  # act-order at quantization, g_idx in order
     assert runtime.is_gptq_artifact(out)
     assert verify_manifest(out) is True
     listed = set(json.loads((out / "manifest.json").read_text())["files"])
@@ -124,7 +125,7 @@ def test_info(artifact):
     _, out, _ = artifact
     result = invoke("info", out)
     assert result.exit_code == 0, result.output
-    assert "GPTQ artifact, bits=4, group_size=32, sym=True, desc_act=True" in result.stdout
+    assert "GPTQ artifact, bits=4, group_size=32, sym=True, desc_act=False (quantized in act-order" in result.stdout
     assert "manifest: yes" in result.stdout
     ppl = read_report(out)["perplexity"]
     assert f"compressed {ppl['compressed']['perplexity']:.4f}" in result.stdout
@@ -152,6 +153,9 @@ def test_validate(artifact):
     assert "stages [quantize(gptq)]" in result.stdout and f"output {out}" in result.stdout
     skipped = invoke("validate", recipe, "--set", "stages[0].quantize.skip=['*.down_proj']")
     assert skipped.exit_code == 0 and "12 linears to compress" in skipped.stdout
+    assert "warning" not in result.stderr
+    dynamic = invoke("validate", recipe, "--set", "stages[0].quantize.static_groups=false")
+    assert dynamic.exit_code == 0 and "vLLM refuses" in dynamic.stderr and "static_groups: true" in dynamic.stderr
 
 
 def test_existing_output_needs_overwrite(artifact, tmp_path):

@@ -124,6 +124,19 @@ def test_act_order_static_groups_keep_g_idx_linear(W, H):
         assert torch.equal(result.quantized.zeros[g].float(), zero)
 
 
+@pytest.mark.parametrize("act_order, static_groups, group_size", [(a, s, g) for a in (False, True) for s in (False, True) for g in (GS, -1) if not (s and g == -1)])
+def test_config_desc_act_says_whether_g_idx_is_permuted(W, H, act_order, static_groups, group_size):
+    """The exported config's desc_act (what vLLM refuses when true) is exactly 'g_idx is not k // gs'."""
+    from compressor.export.gptq import gptq_quantization_config, permutes_g_idx
+
+    result = gptq_quantize(W, H, bits=4, group_size=group_size, sym=True, act_order=act_order, static_groups=static_groups)
+    gs = K if group_size == -1 else group_size
+    permuted = not torch.equal(result.quantized.g_idx.long(), torch.arange(K) // gs)
+    assert permutes_g_idx(act_order, static_groups, group_size) == permuted
+    config = gptq_quantization_config(4, group_size, True, act_order, static_groups, 0.01, True)
+    assert config["desc_act"] == permuted and config["meta"]["act_order"] == act_order
+
+
 def test_group_size_minus_one_is_one_group(W, H):
     for act_order in (False, True):
         result = gptq_quantize(W, H, bits=4, group_size=-1, sym=False, act_order=act_order)

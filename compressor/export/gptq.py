@@ -29,19 +29,34 @@ def gptq_quantization_config(
     damp_percent: float,
     true_sequential: bool,
 ) -> dict:
-    """The `quantization_config` block of config.json (also written as quantize_config.json)."""
+    """The `quantization_config` block of config.json (also written as quantize_config.json).
+
+    `desc_act` there tells loaders how to run the checkpoint, not how it was made: true means g_idx
+    permutes the input rows at inference, which vLLM refuses ("desc_act=True is no longer
+    supported"). Act-order with static groups (our default) leaves g_idx = k // group_size, so it is
+    written as desc_act false, and the quantization-time act-order goes to our own `meta` entry.
+    """
+    from compressor import __version__
+
     return {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
-        "desc_act": desc_act,
+        "desc_act": permutes_g_idx(desc_act, static_groups, group_size),
         "sym": sym,
         "true_sequential": true_sequential,
         "damp_percent": damp_percent,
         "static_groups": static_groups,
         "checkpoint_format": "gptq",
         "lm_head": False,
+        "meta": {"quantizer": [f"compressor:{__version__}"], "act_order": desc_act},
     }
+
+
+def permutes_g_idx(desc_act: bool, static_groups: bool, group_size: int) -> bool:
+    """Whether GPTQ with these options writes a g_idx other than k // group_size: only act-order
+    whose groups are formed in the permuted order (no static groups; one group is trivially in order)."""
+    return desc_act and not static_groups and group_size != -1
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
