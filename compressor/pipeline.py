@@ -92,6 +92,17 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
             check_recipe_exportable(q.bits, q.sym, q.group_size, q.desc_act, q.static_groups)
         except UserError as exc:
             raise RecipeError(recipe_file, "export.format", "gguf", f"stages[{i}].quantize: {exc}") from None
+    if recipe.export.format == "compressed-tensors":
+        from compressor.export.compressed_tensors import RECIPE_FIX, SUPPORTED_BITS
+
+        i = quantize_stages[0]
+        q = stages[i][1]
+        if q.bits not in SUPPORTED_BITS:
+            raise RecipeError(recipe_file, "export.format", "compressed-tensors",
+                              f"stages[{i}].quantize.bits {q.bits}: compressed-tensors export holds bits 4 and 8")  # fmt: skip
+        if permutes_g_idx(q.desc_act, q.static_groups, q.group_size):
+            raise RecipeError(recipe_file, "export.format", "compressed-tensors",
+                              f"a permuted g_idx (desc_act without static groups) has no compressed-tensors form; set {RECIPE_FIX.replace('[i]', f'[{i}]')}")  # fmt: skip
     widths = quantized_layer_widths(config, recipe)
     if not any(kind == "prune" and opts.method == "structured" for kind, opts in stages):
         check_against_model(recipe, widths, recipe_file)  # structured pruning changes widths: checked later

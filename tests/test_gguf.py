@@ -207,3 +207,27 @@ def test_recipe_exports_gguf_and_validate_refuses_what_it_cannot_hold(tmp_path, 
     assert report["size"]["gguf_bytes"] == (out / GGUF_FILE).stat().st_size
     info = invoke("info", out)
     assert info.exit_code == 0 and "GGUF file (llama" in info.stdout and "manifest: verified" in info.stdout
+
+
+def test_a_dense_checkpoint_is_written_in_float16_or_rounded_to_nearest(tmp_path, tiny_llama_dir):
+    """The baseline of benchmarks/gguf_quality.py: the same writer, float16 or gguf's own RTN quantizer."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = dense(torch.tensor([IDS])).logits[0].numpy()
+    for rtn, tolerance in ((None, 1e-2), ("Q4_0", 0.5)):
+        out = tmp_path / f"{rtn}.gguf"
+        facts = write_gguf(tiny_llama_dir, out, progress=False, round_to_nearest=rtn)
+        assert facts["tensor_types"] == ({"Q4_0": 14} if rtn else {})
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = model(torch.tensor([IDS])).logits[0].numpy()
+        assert np.abs(got - ref).max() / np.abs(ref).max() < tolerance
+        if rtn:  # every block linear is gguf's quantization of the dense weight (q/k in llama.cpp's row order)
+            reader = gguf.GGUFReader(out)
+            stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+            q = dense.model.layers[0].self_attn.q_proj.weight.detach().numpy()[rope_pair_rows(64, 4)]
+            assert np.array_equal(stored["blk.0.attn_q.weight"].reshape(-1), gguf.quants.quantize(q, gguf.GGMLQuantizationType.Q4_0).reshape(-1))
+    with pytest.raises(UserError, match="Q4_0, Q4_1 or Q8_0"):
+        write_gguf(tiny_llama_dir, tmp_path / "x.gguf", round_to_nearest="Q5_K")

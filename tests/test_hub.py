@@ -115,6 +115,31 @@ def test_card_for_onnx_artifact(gptq_artifact, tmp_path):
     assert {"model.onnx", "onnx_config.json", "manifest.json", "README.md"} <= {path for path, _ in hub.plan_upload(onnx_dir, REPO)}
 
 
+def test_card_for_gguf_artifact(tiny_llama_dir, tmp_path):
+    out = run(_recipe(tiny_llama_dir, tmp_path / "gguf", "[{quantize: {group_size: 32}}]", "export.format=gguf"), progress=False).output
+    card = hub.model_card(out, REPO)
+    meta = _front_matter(card)
+    assert meta["library_name"] == "gguf"
+    assert {"gguf", "llama.cpp", "Q4_0", "gptq", "4-bit"} <= set(meta["tags"])
+    assert f"llama-cli -hf {REPO}" in card and f"ollama run hf.co/{REPO}" in card and 'filename="model.gguf"' in card
+    assert "vllm serve" not in card and "runtime.load" not in card
+    assert {"model.gguf", "gguf_config.json", "manifest.json", "README.md"} <= {path for path, _ in hub.plan_upload(out, REPO)}
+    assert hub.push(out, REPO, dry_run=True, echo=lambda *_: None) == card  # a GGUF artifact (no config.json) is pushable
+
+
+def test_card_for_compressed_tensors_artifact(gptq_artifact, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from compressor.export.compressed_tensors import export_compressed_tensors
+
+    out = export_compressed_tensors(gptq_artifact, tmp_path / "ct", progress=False)
+    card = hub.model_card(out, REPO)
+    meta = _front_matter(card)
+    assert meta["library_name"] == "transformers"
+    assert {"compressed-tensors", "W4A16", "quantized"} <= set(meta["tags"]) and "gptq" not in meta["tags"]
+    assert f"vllm serve {REPO}" in card and "pip install compressed-tensors" in card
+    assert "runtime.load" not in card and "gptqmodel" not in card
+
+
 def test_card_base_model_and_license(artifact_copy):
     report = json.loads((artifact_copy / "report.json").read_text())
     report["model"]["source"] = "smollm2-135m"

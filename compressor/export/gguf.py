@@ -235,9 +235,10 @@ def _tensor_name_map(config, arch_name: str):
     return gguf.get_tensor_name_map(arch, config.num_hidden_layers)
 
 
-def _plan(artifact: Path, config, tensors: dict[str, torch.Tensor], bits: int):
-    """(gguf name, hf module name or None, source tensor name(s), kind) for every tensor, in file order,
-    without converting anything. kind: 'quantized', 'f32' or 'f16'."""
+def _plan(artifact: Path, config, tensors: dict[str, torch.Tensor], round_to_nearest: bool = False):
+    """(gguf name, hf module name, source tensor name(s), kind) for every tensor, in file order,
+    without converting anything. kind: 'quantized' (GPTQ tensors), 'rtn' (a float block linear to
+    round to nearest), 'f32' or 'f16'."""
     from compressor.architectures import architecture_of
 
     architecture = architecture_of(config)
@@ -250,11 +251,14 @@ def _plan(artifact: Path, config, tensors: dict[str, torch.Tensor], bits: int):
             parts = [f"{module}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx") if f"{module}.{s}" in tensors]
             plan.append((target, module, parts, "quantized"))
             used.update(parts)
+    block_linears = {f"{architecture.blocks}.{i}.{rel}.weight" for i in range(config.num_hidden_layers)
+                     for group in architecture.linear_groups for rel in group}  # fmt: skip
     for name, tensor in tensors.items():
         if name in used:
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        plan.append((target, name.rpartition(".")[0], [name], "f32" if tensor.dim() == 1 else "f16"))
+        kind = "f32" if tensor.dim() == 1 else "rtn" if round_to_nearest and name in block_linears else "f16"
+        plan.append((target, name.rpartition(".")[0], [name], kind))
     unknown = [p[2][0] for p in plan if p[0] is None]
     if unknown:
         raise ArtifactError(f"{artifact}: tensors with no GGUF name for {architecture.gguf_arch}: {', '.join(unknown[:5])}")
@@ -280,7 +284,7 @@ def _heads_for(module: str, config, permute: bool) -> int | None:
     return None
 
 
-def _convert(tensors, entry, config, bits: int, permute: bool) -> tuple[np.ndarray, object]:
+def _convert(tensors, entry, config, bits: int | None, permute: bool, rtn_type: str | None = None) -> tuple[np.ndarray, object]:
     """The bytes of one planned tensor and its ggml type."""
     gguf = _gguf()
     target, module, parts, kind = entry
@@ -296,6 +300,9 @@ def _convert(tensors, entry, config, bits: int, permute: bool) -> tuple[np.ndarr
             raise ArtifactError(f"{module}: {exc}") from None
         weight = gguf_weight(qw, f"{module}: ")
         data, qtype = weight.data, weight.qtype
+    elif kind == "rtn":  # the baseline: gguf's own round-to-nearest quantizer (llama-quantize without an imatrix)
+        qtype = gguf.GGMLQuantizationType[rtn_type]
+        data = gguf.quants.quantize(tensors[parts[0]].to(torch.float32).numpy(), qtype)
     elif kind == "f32":
         data, qtype = tensors[parts[0]].to(torch.float32).numpy(), gguf.GGMLQuantizationType.F32
     else:
@@ -305,9 +312,14 @@ def _convert(tensors, entry, config, bits: int, permute: bool) -> tuple[np.ndarr
     return np.ascontiguousarray(data), qtype
 
 
-def write_gguf(artifact: Path, out_file: Path, progress: bool = True, name: str | None = None) -> dict:
+def write_gguf(artifact: Path, out_file: Path, progress: bool = True, name: str | None = None,
+               round_to_nearest: str | None = None) -> dict:  # fmt: skip
     """Convert the GPTQ artifact directory `artifact` into the GGUF file `out_file` (written in place:
-    callers write to a temporary path and rename). Returns facts about the file."""
+    callers write to a temporary path and rename). Returns facts about the file.
+
+    A dense checkpoint directory (no quantization_config) is written with float16 linears, or with
+    `round_to_nearest` ("Q4_0", "Q4_1", "Q8_0") its block linears are quantized by the gguf package's
+    round-to-nearest quantizer: what llama.cpp users get without GPTQ (benchmarks/gguf_quality.py)."""
     gguf = _gguf()
     from tqdm import tqdm
     from transformers import AutoConfig
@@ -316,27 +328,32 @@ def write_gguf(artifact: Path, out_file: Path, progress: bool = True, name: str 
     from compressor.runtime import _read_tensors, _weight_files
 
     artifact = Path(artifact)
-    qconfig = runtime.gptq_config(artifact)
-    bits = qconfig["bits"]
-    # g_idx is checked per linear (older artifacts say desc_act true over an in-order g_idx)
-    _check_exportable(bits, bool(qconfig.get("sym", True)), qconfig.get("group_size", -1), False, f"{artifact}: ")
+    bits, qconfig = None, None
+    if runtime.is_gptq_artifact(artifact):
+        qconfig = runtime.gptq_config(artifact)
+        bits = qconfig["bits"]
+        # g_idx is checked per linear (older artifacts say desc_act true over an in-order g_idx)
+        _check_exportable(bits, bool(qconfig.get("sym", True)), qconfig.get("group_size", -1), False, f"{artifact}: ")
+    if round_to_nearest not in (None, "Q4_0", "Q4_1", "Q8_0"):
+        raise UserError(f"round_to_nearest: {round_to_nearest!r} is not allowed: Q4_0, Q4_1 or Q8_0")
     config = _text_config(AutoConfig.from_pretrained(artifact))
     tensors = _read_tensors(_weight_files(artifact))
-    plan, architecture = _plan(artifact, config, tensors, bits)
+    plan, architecture = _plan(artifact, config, tensors, round_to_nearest=round_to_nearest is not None and bits is None)
 
     # The header lists every tensor's type and size before any data, so each linear's ggml type is
     # read first from its zero points alone (cheap); the blocks are built later, one tensor at a time.
     types = {entry[0]: _quantized_type(tensors, entry, bits) for entry in plan if entry[3] == "quantized"}
+    types.update({entry[0]: gguf.GGMLQuantizationType[round_to_nearest] for entry in plan if entry[3] == "rtn"})
 
     writer = gguf.GGUFWriter(None, architecture.gguf_arch)
     _add_hyperparameters(writer, config, name or artifact.name)
     counts: dict[str, int] = {}
     for entry in plan:
         target, _, parts, kind = entry
-        if kind == "quantized":
+        if kind in ("quantized", "rtn"):
             qtype = types[target]
-            qweight = tensors[parts[0]]
-            k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+            first = tensors[parts[0]]
+            k, n = (first.shape[0] * 32 // bits, first.shape[1]) if kind == "quantized" else (first.shape[1], first.shape[0])
             block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
             shape, nbytes = (n, k // BLOCK * block_bytes), n * (k // BLOCK) * block_bytes
             writer.add_tensor_info(target, shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
@@ -355,8 +372,8 @@ def write_gguf(artifact: Path, out_file: Path, progress: bool = True, name: str 
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for entry in tqdm(plan, desc="gguf", unit="tensor", disable=not progress):
-        data, qtype = _convert(tensors, entry, config, bits, architecture.gguf_permute_qk)
-        if entry[3] == "quantized" and qtype != types[entry[0]]:
+        data, qtype = _convert(tensors, entry, config, bits, architecture.gguf_permute_qk, round_to_nearest)
+        if entry[0] in types and qtype != types[entry[0]]:
             raise AssertionError(f"{entry[0]}: {qtype.name} blocks, but the header says {types[entry[0]].name}")
         writer.write_tensor_data(data)
     writer.close()
