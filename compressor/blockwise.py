@@ -132,8 +132,9 @@ def check_whole_model_fits(recipe: Recipe, config, dtype: torch.dtype) -> None:
 class _BlockWriter:
     """The engine's visitor: loads each block, runs the evaluation streams, writes and frees it."""
 
-    def __init__(self, lazy: LazyModel, arch, writer, algorithm, dense, compressed, sizes: dict):
+    def __init__(self, lazy: LazyModel, arch, writer, algorithm, dense, compressed, sizes: dict, checkpoint_format: str = "gptq"):
         self.lazy, self.arch, self.writer, self.algorithm = lazy, arch, writer, algorithm
+        self.checkpoint_format = checkpoint_format  # gptq (v1) or gptq_v2: how qzeros are stored
         self.dense, self.compressed = dense, compressed
         self.sizes = sizes  # {"ideal": bytes}: the artifact's ideal size, summed as blocks are written
         self.block_seconds: list[float] = []
@@ -155,7 +156,7 @@ class _BlockWriter:
         if self.compressed is not None:
             self.compressed.advance(block)
         state = {f"{prefix}.{name}": t for name, t in block.state_dict().items()}
-        for name, tensor in stored_tensors(state, quantized).items():
+        for name, tensor in stored_tensors(state, quantized, self.checkpoint_format).items():
             self.writer.add(name, tensor)
         self.sizes["ideal"] += ideal_bytes(state, quantized)
         for name in quantized:  # packed and written: nothing of the block stays in memory
@@ -232,7 +233,7 @@ def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch
 
     shard_size = parse_size(recipe.export.max_shard_size)
     writer = ShardWriter(tmp, shard_size)
-    visitor = _BlockWriter(lazy, arch, writer, algorithm, dense, None, sizes)
+    visitor = _BlockWriter(lazy, arch, writer, algorithm, dense, None, sizes, recipe.export.checkpoint_format)
     first_block = visitor.before_block
 
     def before_first_block(index: int, block: nn.Module) -> None:
@@ -288,6 +289,7 @@ def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch
                 bits=stage_with_grid.bits, group_size=stage_with_grid.group_size, sym=stage_with_grid.sym,
                 desc_act=stage_with_grid.desc_act, static_groups=stage_with_grid.static_groups,
                 damp_percent=stage_with_grid.damp_percent, true_sequential=stage_with_grid.true_sequential,
+                checkpoint_format=recipe.export.checkpoint_format,
             )  # fmt: skip
         write_checkpoint_files(tmp, model, quant_config, tokenizer, generation_config_dir=directory)
     timings["export (config, tokenizer)"] = m.to_dict()

@@ -305,7 +305,8 @@ def info(path: str | None) -> None:
         elif runtime.is_gptq_artifact(p):
             qc = runtime.gptq_config(p)
             quantized_in_act_order = (qc.get("meta") or {}).get("act_order") is True and not qc.get("desc_act")
-            click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in ("bits", "group_size", "sym", "desc_act") if k in qc)
+            keys = ("bits", "group_size", "sym", "desc_act") + (("checkpoint_format",) if qc.get("checkpoint_format") != "gptq" else ())
+            click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in keys if k in qc)
                        + (" (quantized in act-order with static groups: g_idx in order)" if quantized_in_act_order else ""))  # fmt: skip
             held = runtime.memory_estimate(p)  # what `runtime.load(p)` holds on this machine's CPU, from the headers
             click.echo(f"runtime memory (CPU, {str(runtime.default_dtype('cpu')).removeprefix('torch.')}): {held['total'] / 1e6:.1f} MB "
@@ -313,7 +314,14 @@ def info(path: str | None) -> None:
         else:
             config = json.loads((p / "config.json").read_text())
             sparsity = config.get("compressor_sparsity")
-            click.echo(f"{path}: dense {config.get('model_type', '?')} checkpoint, {config.get('num_hidden_layers', '?')} layers"
+            qc = config.get("quantization_config") or {}
+            if qc.get("quant_method") == "compressed-tensors":
+                weights = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
+                kind = (f"{config.get('model_type', '?')} compressed-tensors artifact ({qc.get('format')}, {weights.get('num_bits')}-bit, "
+                        f"group size {weights.get('group_size')}, {'symmetric' if weights.get('symmetric') else 'asymmetric'})")  # fmt: skip
+            else:
+                kind = f"dense {config.get('model_type', '?')} checkpoint"
+            click.echo(f"{path}: {kind}, {config.get('num_hidden_layers', '?')} layers"
                        + (f", {sparsity['structure']} sparsity {sparsity['global_sparsity']:.3f}" if sparsity else ""))  # fmt: skip
         click.echo(f"files: {len(files)}, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB; manifest: {'yes' if (p / 'manifest.json').exists() else 'no'}")
         report = p / "report.json"

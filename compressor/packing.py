@@ -99,6 +99,30 @@ def unpack_qzeros_v1(qzeros: torch.Tensor, bits: int, columns: int) -> torch.Ten
     return unpack_along_rows(qzeros.T.contiguous(), bits, columns).T + 1
 
 
+def pack_qzeros(zeros: torch.Tensor, bits: int, offset: int = 1) -> torch.Tensor:
+    """qzeros [G, N*bits/32] of zero points [G, N], storing zero - offset: 1 in GPTQ v1, 0 in
+    GPTQModel's gptq_v2 (which can therefore hold a zero point of 0)."""
+    return pack_along_rows((zeros.to(torch.int32) - offset).T.contiguous(), bits).T.contiguous()
+
+
+def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """GPTQ v1 qzeros (zero - 1) as gptq_v2 qzeros (the zero point itself); exact for v1's zeros
+    1..2^bits - 1, which is every zero point our exporter writes."""
+    zeros = unpack_qzeros_v1(qzeros, bits, columns)
+    if zeros.max() >= 2**bits:
+        raise ValueError(f"a v1 zero point of {int(zeros.max())} (a stored zero of 0) has no {bits}-bit gptq_v2 form")
+    return pack_qzeros(zeros, bits, offset=0)
+
+
+def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """gptq_v2 qzeros as GPTQ v1 qzeros, the layout every reader in compressor uses. A zero point
+    of 0 has no v1 form (v1 would store -1): ValueError."""
+    zeros = unpack_along_rows(qzeros.T.contiguous(), bits, columns).T
+    if zeros.numel() and zeros.min() == 0:
+        raise ValueError("a zero point of 0 cannot be held in GPTQ v1's layout (it stores zero - 1)")
+    return pack_qzeros(zeros, bits, offset=1)
+
+
 def dequantize_gptq_v1(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
@@ -138,7 +162,7 @@ def pack_gptq_v1(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[
         # [N, K] codes -> [K, N] so each output column is one bit stream along K.
         "qweight": pack_along_rows(qw.codes.T.contiguous(), qw.bits),
         # Zeros pack along N: transpose so N runs down the rows, pack, transpose back to [G, N*bits/32].
-        "qzeros": pack_along_rows((qw.zeros.to(torch.int32) - 1).T.contiguous(), qw.bits).T.contiguous(),
+        "qzeros": pack_qzeros(qw.zeros, qw.bits, offset=1),
         "scales": qw.scales.to(torch.float16).contiguous(),
         "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }

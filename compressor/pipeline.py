@@ -76,6 +76,9 @@ def validate(recipe: Recipe, recipe_file: str = "") -> dict[str, Any]:
     if recipe.export.format in QUANTIZED_FORMATS and not quantize_stages:
         raise RecipeError(recipe_file, "export.format", recipe.export.format,
                           "needs a quantize stage in `stages` (or use export.format: dense)")  # fmt: skip
+    if recipe.export.checkpoint_format != "gptq" and recipe.export.format != "gptq":
+        raise RecipeError(recipe_file, "export.checkpoint_format", recipe.export.checkpoint_format,
+                          f"applies to export.format gptq only (this recipe exports {recipe.export.format})")  # fmt: skip
     if recipe.export.format == "dense" and quantize_stages:
         raise RecipeError(recipe_file, "export.format", "dense", "a recipe with a quantize stage exports format gptq")
     source = resolve_source(recipe.model.source)
@@ -340,7 +343,7 @@ def run(
         quant_config = gptq_quantization_config(
             bits=qstage.bits, group_size=qstage.group_size, sym=qstage.sym, desc_act=qstage.desc_act,
             static_groups=qstage.static_groups, damp_percent=qstage.damp_percent,
-            true_sequential=qstage.true_sequential,
+            true_sequential=qstage.true_sequential, checkpoint_format=recipe.export.checkpoint_format,
         )  # fmt: skip
     if sparsity is not None:
         model.config.compressor_sparsity = sparsity_config(sparsity, pruned_names, [p for kind, o in stages if kind == "prune" for p in o.skip])

@@ -353,6 +353,12 @@ class ExportSection(_Strict):
         "a group size that is a multiple of 32 and static groups with act-order) or `compressed-tensors` "
         "(vLLM's `pack-quantized` checkpoint, as llm-compressor writes it; 2:4 sparsity is recorded for vLLM).",
     )
+    checkpoint_format: Literal["gptq", "gptq_v2"] = Field(
+        "gptq",
+        description="For format gptq: `gptq` (v1, qzeros store zero - 1: what AutoGPTQ, transformers and vLLM read) "
+        "or `gptq_v2` (the zero points as they are: GPTQModel's own format; `GPTQModel.load` refuses asymmetric "
+        "v1 checkpoints it did not write, and vLLM reads v1 only).",
+    )
     max_shard_size: str = Field("2GB", description="Split safetensors into shards above this size.")
     overwrite: bool = Field(False, description="Replace an existing output directory (only after success).")
 

@@ -54,9 +54,11 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
-def write_tiny_gptq_artifact(out, tokenizer, bits: int = 4, group_size: int = 32, model=None):
+def write_tiny_gptq_artifact(out, tokenizer, bits: int = 4, group_size: int = 32, model=None, sym: bool = True,
+                             act_order: bool = False, checkpoint_format: str = "gptq"):  # fmt: skip
     """A GPTQ artifact at `out` of `model` (default: a tiny random Llama), block linears
-    RTN-quantized (symmetric).
+    RTN-quantized (symmetric unless `sym` is False). `act_order` only changes what the config
+    records (act-order with static groups: g_idx stays in order).
 
     For tests of what consumes an artifact (export, load, serve): quantization quality is not
     the point, so round-to-nearest stands in for GPTQ and costs nothing.
@@ -68,10 +70,10 @@ def write_tiny_gptq_artifact(out, tokenizer, bits: int = 4, group_size: int = 32
     quantized = {}
     for name, linear in model.named_modules():
         if isinstance(linear, torch.nn.Linear) and ".layers." in name:
-            quantized[name] = rtn_quantize(linear.weight, bits, group_size, True)
+            quantized[name] = rtn_quantize(linear.weight, bits, group_size, sym)
             linear.weight.data = quantized[name].dequantize()
     out.mkdir(parents=True)
-    config = gptq_quantization_config(bits, group_size, True, False, False, 0.01, True)
+    config = gptq_quantization_config(bits, group_size, sym, act_order, act_order, 0.01, True, checkpoint_format=checkpoint_format)
     write_gptq_checkpoint(out, model, quantized, config, tokenizer=tokenizer)
     return out
 

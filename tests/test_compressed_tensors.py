@@ -333,3 +333,5 @@ def test_recipe_exports_compressed_tensors_and_validate_refuses_what_it_cannot_h
     assert verify_manifest(out) is True
     report = json.loads((out / "report.json").read_text())
     assert report["size"]["compressed_tensors_bytes"] == sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    info = invoke("info", out)
+    assert info.exit_code == 0 and "llama compressed-tensors artifact (pack-quantized, 4-bit, group size 32, symmetric)" in info.stdout

@@ -11,6 +11,8 @@ import json
 
 import pytest
 import torch
+
+import compressor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -147,6 +149,7 @@ def test_config_files(checkpoint):
         "quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
         "true_sequential": True, "damp_percent": 0.01, "static_groups": False,
         "checkpoint_format": "gptq", "lm_head": False,
+        "meta": {"quantizer": [f"compressor:{compressor.__version__}"], "act_order": False},
     }  # fmt: skip
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["quantization_config"] == qconfig
@@ -338,9 +341,9 @@ def test_load_errors_are_clear(tmp_path, reference, tiny_llama_dir):
 
     model, quantized = reference
     out = export(tmp_path, model, quantized)
-    _rewrite_quantization(out, checkpoint_format="gptq_v2")
+    _rewrite_quantization(out, checkpoint_format="marlin")
     assert runtime.is_gptq_artifact(out)
-    with pytest.raises(ArtifactError, match="gptq_v2.*only GPTQ v1"):
+    with pytest.raises(ArtifactError, match="'marlin' is not supported.*'gptq' \\(v1\\) or 'gptq_v2'"):
         runtime.load(out)
     _rewrite_quantization(out, checkpoint_format="gptq", bits=5)
     with pytest.raises(ArtifactError, match="bits 5 is not supported.*2, 3, 4, 8"):

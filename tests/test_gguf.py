@@ -14,9 +14,8 @@ from compressor import runtime
 from compressor.algorithms.quant import rtn_quantize
 from compressor.errors import UserError
 from compressor.export.gguf import GGUF_FILE, gguf_weight, rope_pair_rows, write_gguf
-from compressor.export.gptq import gptq_quantization_config, write_gptq_checkpoint
 from compressor.packing import dequantize_gptq_v1, pack_gptq_v1
-from conftest import assert_user_error, invoke, make_tiny_llama
+from conftest import assert_user_error, invoke, make_tiny_llama, write_tiny_gptq_artifact
 
 gguf = pytest.importorskip("gguf")
 
@@ -79,16 +78,8 @@ def test_rope_pair_rows_interleave_each_heads_halves():
 
 
 def _artifact(path, tokenizer, sym: bool = True, bits: int = 4, model=None):
-    """A tiny GPTQ artifact, RTN-quantized (sym or asym), with SmolLM2's tokenizer."""
-    model = make_tiny_llama(initializer_range=0.3) if model is None else model
-    quantized = {}
-    for name, linear in model.named_modules():
-        if isinstance(linear, torch.nn.Linear) and ".layers." in name:
-            quantized[name] = rtn_quantize(linear.weight, bits, 32, sym)
-            linear.weight.data = quantized[name].dequantize()
-    path.mkdir(parents=True)
-    write_gptq_checkpoint(path, model, quantized, gptq_quantization_config(bits, 32, sym, True, True, 0.01, True), tokenizer)
-    return path
+    """A tiny GPTQ artifact, RTN-quantized (sym or asym), act-order with static groups in its config."""
+    return write_tiny_gptq_artifact(path, tokenizer, bits, 32, model=model, sym=sym, act_order=True)
 
 
 IDS = [1, 504, 3937, 314, 253, 1345, 28, 1621, 30, 2]
@@ -231,3 +222,56 @@ def test_a_dense_checkpoint_is_written_in_float16_or_rounded_to_nearest(tmp_path
             assert np.array_equal(stored["blk.0.attn_q.weight"].reshape(-1), gguf.quants.quantize(q, gguf.GGMLQuantizationType.Q4_0).reshape(-1))
     with pytest.raises(UserError, match="Q4_0, Q4_1 or Q8_0"):
         write_gguf(tiny_llama_dir, tmp_path / "x.gguf", round_to_nearest="Q5_K")
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_other_architectures_load_in_transformers_and_llama_cpp(tmp_path, smollm2_tokenizer, kind):
+    """mistral writes as llama (q/k rows permuted), qwen2 (q/k/v biases, untied lm_head) and qwen3
+    (q_norm/k_norm) under their own names with rows as they are."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_cls, model_cls = {"mistral": ("MistralConfig", "MistralForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[kind]  # fmt: skip
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                               # transformers' GGUF reader takes Qwen3's head_dim from its default (128), not the file
+                                               head_dim=128 if kind == "qwen3" else 16,
+                                               initializer_range=0.3, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model = getattr(transformers, model_cls)(config).eval().requires_grad_(False)
+    if kind == "qwen2":  # random biases, so that a bias in the wrong place shows
+        for block in model.model.layers:
+            for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+                proj.bias.data.normal_(0, 0.5)
+    artifact = write_tiny_gptq_artifact(tmp_path / "gptq", smollm2_tokenizer, 4, 32, model=model, act_order=True)
+    facts = write_gguf(artifact, tmp_path / GGUF_FILE, progress=False)
+    assert facts["architecture"] == ("llama" if kind == "mistral" else kind) and facts["tensor_types"] == {"Q4_0": 14}
+    names = {t.name for t in gguf.GGUFReader(tmp_path / GGUF_FILE).tensors}
+    assert ("blk.0.attn_q.bias" in names) == (kind == "qwen2") and ("blk.0.attn_q_norm.weight" in names) == (kind == "qwen3")
+    ref = _runtime_logits(artifact)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed here")
+
+    def llama_cpp_logits(path):
+        llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+        try:
+            llm.eval(IDS)
+            return np.array(llm.scores[: len(IDS)])
+        finally:
+            llm.close()
+
+    # The layout (names, q/k order, biases, norms) pinned tightly on float16 weights, where llama.cpp
+    # computes in float; then the Q4_0 file, where it rounds activations to 8 bits (a few % here:
+    # random weights of std 0.3 and biases of std 0.5 give outsized activations).
+    model.save_pretrained(tmp_path / "dense")
+    smollm2_tokenizer.save_pretrained(tmp_path / "dense")
+    write_gguf(tmp_path / "dense", tmp_path / "dense.gguf", progress=False)
+    with torch.no_grad():
+        dense_ref = model(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(llama_cpp_logits(tmp_path / "dense.gguf") - dense_ref).max() / np.abs(dense_ref).max() < 0.01
+    got = llama_cpp_logits(tmp_path / GGUF_FILE)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.1 and np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.999

@@ -258,7 +258,7 @@ def test_cli_export_and_generate(artifacts, tmp_path):
 
     assert_user_error(invoke("export", gptq, "--format", "onnx", "--output", out), str(out), "already exists", "--overwrite")
     assert invoke("export", gptq, "--format", "onnx", "--output", out, "--overwrite", "--no-progress").exit_code == 0
-    assert_user_error(invoke("export", gptq, "--format", "gguf", "--output", tmp_path / "x"), "--format", "'gguf'", "onnx")
+    assert_user_error(invoke("export", gptq, "--format", "awq", "--output", tmp_path / "x"), "--format", "'awq'", "onnx, gguf, compressed-tensors")
     assert_user_error(invoke("export", tmp_path / "missing", "--format", "onnx", "--output", tmp_path / "x"), "not a directory")
     assert_user_error(invoke("export", out, "--format", "onnx", "--output", tmp_path / "x"), "not a GPTQ artifact")
     assert_user_error(invoke("export", gptq, "--format", "onnx", "--output", tmp_path / "y", "--accuracy-level", "2"),

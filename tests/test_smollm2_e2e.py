@@ -77,3 +77,33 @@ def test_packed_weights_are_the_gptq_codes(smollm2_run):
     qw = unpack_gptq_v1(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)
     weight = result.model.get_submodule(name).weight
     assert torch.equal(qw.dequantize(), weight)
+
+
+def test_gguf_export_scores_like_the_artifact(smollm2_run, tmp_path):
+    """The default recipe's artifact as GGUF: transformers' GGUF loader scores it as our runtime
+    scores the artifact (issue 14: within 0.5%), and llama.cpp (where installed) close behind."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from compressor.evaluation.perplexity import perplexity
+    from compressor.export.gguf import export_gguf
+
+    recipe, result = smollm2_run
+    qc = json.loads((result.output / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is False and qc["meta"]["act_order"] is True  # what vLLM accepts
+    facts = export_gguf(result.output, tmp_path / "m.gguf", progress=False)
+    assert facts["tensor_types"] == {"Q4_0": 210}
+    ids = evaluation_tokens(runtime.load_tokenizer(result.output), recipe.data.evaluation)[:1024]
+    ours = perplexity(runtime.load(result.output, dtype=torch.float32), ids, seq_len=1024, progress=False).perplexity
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    theirs = perplexity(hf, ids, seq_len=1024, progress=False).perplexity
+    assert abs(theirs / ours - 1) < 0.005
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed here")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=1024, n_batch=1024, logits_all=True, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids.tolist())
+        logits = torch.from_numpy(np.asarray(llm.scores[:1024], dtype=np.float32))
+    finally:
+        llm.close()
+    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:].long())
+    assert abs(float(torch.exp(nll)) / ours - 1) < 0.02  # llama.cpp rounds activations to 8 bits

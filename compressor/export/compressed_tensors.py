@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from compressor.algorithms.pruning import check_nm
 from compressor.engine import is_skipped
 from compressor.errors import ArtifactError, UserError
-from compressor.export.artifact import atomic_output_dir, verify_manifest, write_manifest
+from compressor.export.artifact import atomic_output_dir, write_manifest
 from compressor.export.shards import ShardWriter, write_json
 
 log = logging.getLogger(__name__)
@@ -226,8 +226,10 @@ class _Checkpoint:
     """The GPTQ checkpoint's tensors by name, each copied out of its file when asked for (so only
     the linear being converted is in memory, not the checkpoint)."""
 
-    def __init__(self, gptq_dir: Path):
+    def __init__(self, gptq_dir: Path, qconfig: dict | None = None):
         from safetensors import safe_open
+
+        self._qconfig = qconfig or {}  # a gptq_v2 checkpoint's qzeros are read in the v1 layout
 
         from compressor.runtime import _read_tensors, _weight_files
 
@@ -253,6 +255,15 @@ class _Checkpoint:
         return name in self._where
 
     def get(self, name: str) -> torch.Tensor:
+        tensor = self._read(name)
+        if name.endswith(".qzeros") and self._qconfig.get("checkpoint_format") == "gptq_v2":
+            from compressor.runtime import as_gptq_v1
+
+            qweight = name[: -len("qzeros")] + "qweight"
+            tensor = as_gptq_v1({name: tensor, qweight: torch.empty(0, self.shape(qweight)[1])}, self._qconfig)[name]
+        return tensor
+
+    def _read(self, name: str) -> torch.Tensor:
         file = self._where[name]
         if file is None:
             return self._pickled[name]
@@ -309,7 +320,7 @@ def write_compressed_tensors_artifact(gptq_dir: Path, out_dir: Path, progress: b
                         f"{' and '.join(map(str, SUPPORTED_BITS))} (what vLLM's W4A16/W8A16 kernels run)")  # fmt: skip
     group_size = int(qc.get("group_size") or -1)
     config_json = json.loads((gptq_dir / "config.json").read_text())
-    source = _Checkpoint(gptq_dir)
+    source = _Checkpoint(gptq_dir, qc)
     quantized = [name[: -len(".qweight")] for name in source.names() if name.endswith(".qweight")]
     if not quantized:
         raise ArtifactError(f"{gptq_dir}: declares GPTQ but holds no '.qweight' tensors")
@@ -389,17 +400,11 @@ def write_compressed_tensors_artifact(gptq_dir: Path, out_dir: Path, progress: b
 def export_compressed_tensors(artifact, output, overwrite: bool = False, progress: bool = True) -> Path:
     """`compress export --format compressed-tensors`: the GPTQ artifact as a compressed-tensors
     checkpoint directory, written atomically."""
-    artifact, output = Path(artifact), Path(output)
-    if not artifact.is_dir():
-        raise UserError(f"{artifact}: not a directory; expected a GPTQ artifact directory")
-    from compressor import runtime
+    from compressor.export.gptq import check_conversion_source
 
-    if not runtime.is_gptq_artifact(artifact):
-        raise UserError(f"{artifact}: not a GPTQ artifact (config.json declares no GPTQ quantization_config)")
-    if output.resolve() == artifact.resolve():
-        raise UserError(f"--output: {output} is the input artifact; choose another directory")
+    artifact, output = Path(artifact), Path(output)
     require_compressed_tensors()
-    verify_manifest(artifact)
+    check_conversion_source(artifact, output)
     with atomic_output_dir(output, overwrite) as tmp:
         write_compressed_tensors_artifact(artifact, tmp, progress)
         write_manifest(tmp)

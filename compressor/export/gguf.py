@@ -38,7 +38,6 @@ import torch
 
 from compressor.algorithms.quant import QuantizedWeight
 from compressor.errors import ArtifactError, UserError
-from compressor.export.artifact import verify_manifest
 from compressor.packing import unpack_gptq_v1
 
 GGUF_FILE = "model.gguf"
@@ -218,9 +217,10 @@ def _add_hyperparameters(writer, config, name: str) -> None:
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    # Always written: readers that default head_dim (transformers' Qwen3Config: 128) need it even
+    # when it is hidden_size / heads.
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -325,7 +325,7 @@ def write_gguf(artifact: Path, out_file: Path, progress: bool = True, name: str 
     from transformers import AutoConfig
 
     from compressor import runtime
-    from compressor.runtime import _read_tensors, _weight_files
+    from compressor.runtime import _read_tensors, _weight_files, read_gptq_tensors
 
     artifact = Path(artifact)
     bits, qconfig = None, None
@@ -337,7 +337,7 @@ def write_gguf(artifact: Path, out_file: Path, progress: bool = True, name: str 
     if round_to_nearest not in (None, "Q4_0", "Q4_1", "Q8_0"):
         raise UserError(f"round_to_nearest: {round_to_nearest!r} is not allowed: Q4_0, Q4_1 or Q8_0")
     config = _text_config(AutoConfig.from_pretrained(artifact))
-    tensors = _read_tensors(_weight_files(artifact))
+    tensors = read_gptq_tensors(artifact, qconfig) if qconfig else _read_tensors(_weight_files(artifact))
     plan, architecture = _plan(artifact, config, tensors, round_to_nearest=round_to_nearest is not None and bits is None)
 
     # The header lists every tensor's type and size before any data, so each linear's ggml type is
@@ -412,20 +412,16 @@ def _quantized_type(tensors, entry, bits: int):
 def export_gguf(artifact, output, overwrite: bool = False, progress: bool = True) -> dict:
     """`compress export --format gguf`: the GPTQ artifact as one .gguf file, written through a
     temporary sibling and renamed into place (never half-written; an old file survives a failure)."""
-    from compressor import runtime
+    from compressor.export.gptq import check_conversion_source
 
     artifact, output = Path(artifact), Path(output)
-    if not artifact.is_dir():
-        raise UserError(f"{artifact}: not a directory; expected a GPTQ artifact directory")
-    if not runtime.is_gptq_artifact(artifact):
-        raise UserError(f"{artifact}: not a GPTQ artifact (config.json declares no GPTQ quantization_config)")
     if output.suffix != ".gguf":
         raise UserError(f"--output: {output} should be a file name ending in .gguf")
     if output.is_dir():
         raise UserError(f"--output: {output} is a directory; give a file name ending in .gguf")
     if output.exists() and not overwrite:
         raise UserError(f"--output: {output} already exists; pass --overwrite to replace it")
-    verify_manifest(artifact)
+    check_conversion_source(artifact, output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
     try:

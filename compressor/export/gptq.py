@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from compressor.algorithms.quant import QuantizedWeight
+from compressor.errors import UserError
 from compressor.export.shards import ShardWriter
 from compressor.export.shards import write_json as _write_json
-from compressor.packing import pack_gptq_v1
+from compressor.packing import pack_gptq_v1, pack_qzeros
 
 GPTQ_TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
 def gptq_quantization_config(
@@ -28,6 +30,7 @@ def gptq_quantization_config(
     static_groups: bool,
     damp_percent: float,
     true_sequential: bool,
+    checkpoint_format: str = "gptq",
 ) -> dict:
     """The `quantization_config` block of config.json (also written as quantize_config.json).
 
@@ -35,7 +38,13 @@ def gptq_quantization_config(
     permutes the input rows at inference, which vLLM refuses ("desc_act=True is no longer
     supported"). Act-order with static groups (our default) leaves g_idx = k // group_size, so it is
     written as desc_act false, and the quantization-time act-order goes to our own `meta` entry.
+
+    `checkpoint_format` "gptq" (v1: qzeros store zero - 1; what AutoGPTQ, transformers and vLLM
+    read) or "gptq_v2" (the zero points as they are; GPTQModel's format, which GPTQModel.load
+    requires for asymmetric checkpoints it did not write itself).
     """
+    if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
     from compressor import __version__
 
     return {
@@ -47,7 +56,7 @@ def gptq_quantization_config(
         "true_sequential": true_sequential,
         "damp_percent": damp_percent,
         "static_groups": static_groups,
-        "checkpoint_format": "gptq",
+        "checkpoint_format": checkpoint_format,
         "lm_head": False,
         "meta": {"quantizer": [f"compressor:{__version__}"], "act_order": desc_act},
     }
@@ -116,24 +125,29 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu").contiguous()
 
 
-def stored_tensors(state: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def stored_tensors(state: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight],
+                   checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:  # fmt: skip
     """What the checkpoint stores for some state-dict entries (names relative to the model), in
     order: `X.weight` of a module X in `quantized` becomes `X.qweight, X.qzeros, X.scales, X.g_idx`,
-    every other tensor is stored as it is (floating ones in fp16). CPU, contiguous."""
+    every other tensor is stored as it is (floating ones in fp16). CPU, contiguous. gptq_v2
+    stores the zero points themselves in qzeros (v1: zero - 1)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         module, _, leaf = name.rpartition(".")
         if leaf == "weight" and module in quantized:
-            for suffix, packed in pack_gptq_v1(quantized[module]).items():
+            packed_tensors = pack_gptq_v1(quantized[module])
+            if checkpoint_format == "gptq_v2":
+                packed_tensors["qzeros"] = pack_qzeros(quantized[module].zeros, quantized[module].bits, offset=0)
+            for suffix, packed in packed_tensors.items():
                 tensors[f"{module}.{suffix}"] = packed.to("cpu").contiguous()
         else:
             tensors[name] = _stored(tensor)
     return tensors
 
 
-def checkpoint_tensors(model, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model, quantized: dict[str, QuantizedWeight], checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, by name, as it will be stored, in the order it is written."""
-    return stored_tensors(_checkpoint_state(model, quantized), quantized)
+    return stored_tensors(_checkpoint_state(model, quantized), quantized, checkpoint_format)
 
 
 def expected_size_bytes(model, quantized: dict[str, QuantizedWeight]) -> int:
@@ -182,8 +196,9 @@ def write_gptq_checkpoint(
 
     with ShardWriter(out_dir, max_shard_size) as writer:
         # One entry at a time, so that only about one shard of stored (fp16, packed) copies is held.
+        checkpoint_format = (quantization_config or {}).get("checkpoint_format", "gptq")
         for name, tensor in _checkpoint_state(model, quantized).items():
-            for stored_name, stored in stored_tensors({name: tensor}, quantized).items():
+            for stored_name, stored in stored_tensors({name: tensor}, quantized, checkpoint_format).items():
                 writer.add(stored_name, stored)
 
     write_checkpoint_files(out_dir, model, quantization_config, tokenizer)
@@ -211,3 +226,18 @@ def write_checkpoint_files(out_dir: Path, model, quantization_config: dict | Non
 def write_dense_checkpoint(out_dir: Path, model, tokenizer=None, max_shard_size: int = 2 * 10**9) -> list[Path]:
     """A plain float16 checkpoint (after pruning without quantization): what `save_pretrained` writes."""
     return write_gptq_checkpoint(out_dir, model, {}, None, tokenizer, max_shard_size)
+
+
+def check_conversion_source(artifact: Path, output: Path) -> None:
+    """`compress export`'s checks on the GPTQ artifact it converts (one-line UserErrors), ending with
+    the manifest: a directory, declaring GPTQ, not the output, every listed file intact."""
+    from compressor import runtime
+    from compressor.export.artifact import verify_manifest
+
+    if not artifact.is_dir():
+        raise UserError(f"{artifact}: not a directory; expected a GPTQ artifact directory")
+    if not runtime.is_gptq_artifact(artifact):
+        raise UserError(f"{artifact}: not a GPTQ artifact (config.json declares no GPTQ quantization_config)")
+    if output.resolve() == artifact.resolve():
+        raise UserError(f"--output: {output} is the input artifact; choose another directory")
+    verify_manifest(artifact)

@@ -30,11 +30,7 @@ import numpy as np
 import torch
 
 from compressor.errors import ArtifactError, UserError
-from compressor.export.artifact import (
-    atomic_output_dir,
-    verify_manifest,
-    write_manifest,
-)
+from compressor.export.artifact import atomic_output_dir, write_manifest
 from compressor.packing import unpack_along_rows, unpack_qzeros_v1
 
 log = logging.getLogger(__name__)
@@ -440,7 +436,7 @@ def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, 
     from transformers import AutoConfig
 
     from compressor import runtime
-    from compressor.runtime import _read_tensors, _weight_files
+    from compressor.runtime import read_gptq_tensors
 
     artifact, out_dir = Path(artifact), Path(out_dir)
     require("onnx", "ONNX export")
@@ -452,7 +448,7 @@ def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, 
                         f"{', '.join(map(str, MATMUL_NBITS_BITS))}")  # fmt: skip
     config = AutoConfig.from_pretrained(artifact)
     decoder_shape(config, f"{artifact}: ")
-    tensors = _read_tensors(_weight_files(artifact))
+    tensors = read_gptq_tensors(artifact, qconfig)
     model, builder = build_decoder(config, tensors, qconfig["bits"], accuracy_level, progress)
     leftover = sorted(set(tensors) - _used_tensors(model, tensors))
     if leftover:
@@ -509,16 +505,10 @@ def _used_tensors(model, tensors: dict) -> set[str]:
 
 def export_onnx(artifact, output, overwrite: bool = False, accuracy_level: int = 0, progress: bool = True) -> Path:
     """`compress export --format onnx`: the GPTQ artifact as an ONNX artifact directory, written atomically."""
-    artifact, output = Path(artifact), Path(output)
-    if not artifact.is_dir():
-        raise UserError(f"{artifact}: not a directory; expected a GPTQ artifact directory")
-    from compressor import runtime
+    from compressor.export.gptq import check_conversion_source
 
-    if not runtime.is_gptq_artifact(artifact):
-        raise UserError(f"{artifact}: not a GPTQ artifact (config.json declares no GPTQ quantization_config)")
-    if output.resolve() == artifact.resolve():
-        raise UserError(f"--output: {output} is the input artifact; choose another directory")
-    verify_manifest(artifact)
+    artifact, output = Path(artifact), Path(output)
+    check_conversion_source(artifact, output)
     with atomic_output_dir(output, overwrite) as tmp:
         write_onnx_artifact(artifact, tmp, accuracy_level, progress)
         write_manifest(tmp)

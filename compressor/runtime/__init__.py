@@ -110,10 +110,11 @@ def gptq_config(path) -> dict:
         found = "no quantization_config" if qc is None else f"quant_method {qc.get('quant_method')!r}"
         raise ArtifactError(f"{path}: not a GPTQ checkpoint ({found}); expected quantization_config.quant_method 'gptq'")
     fmt = "marlin" if qc.get("is_marlin_format") else (qc.get("checkpoint_format") or qc.get("format") or "gptq")
-    if fmt != "gptq":
+    if fmt not in ("gptq", "gptq_v2"):
         raise ArtifactError(
-            f"{path}: checkpoint_format {fmt!r} is not supported; only GPTQ v1 checkpoints (checkpoint_format 'gptq') load"
+            f"{path}: checkpoint_format {fmt!r} is not supported; GPTQ checkpoints load as 'gptq' (v1) or 'gptq_v2'"
         )
+    qc["checkpoint_format"] = fmt
     if qc.get("bits") not in SUPPORTED_BITS:
         supported = ", ".join(map(str, SUPPORTED_BITS))
         raise ArtifactError(f"{path}: bits {qc.get('bits')!r} is not supported; GPTQ bits must be one of {supported}")
@@ -153,6 +154,30 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         except Exception as exc:  # corrupted headers, truncated files, pickles with code
             raise ArtifactError(f"{file}: unreadable weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     return tensors
+
+
+def as_gptq_v1(tensors: dict[str, torch.Tensor], qconfig: dict, where: str = "") -> dict[str, torch.Tensor]:
+    """A gptq_v2 checkpoint's tensors in the v1 layout (qzeros = zero - 1) that every reader here
+    uses; v1 tensors are returned as they are."""
+    from compressor.packing import qzeros_v2_to_v1
+
+    if qconfig.get("checkpoint_format") != "gptq_v2":
+        return tensors
+    for name in [n for n in tensors if n.endswith(".qzeros")]:
+        qweight = tensors.get(name[: -len("qzeros")] + "qweight")
+        if qweight is None:
+            raise ArtifactError(f"{where}{name} has no qweight beside it")
+        try:
+            tensors[name] = qzeros_v2_to_v1(tensors[name], qconfig["bits"], qweight.shape[1])
+        except ValueError as exc:
+            raise ArtifactError(f"{where}{name}: {exc}") from None
+    return tensors
+
+
+def read_gptq_tensors(path, qconfig: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the GPTQ checkpoint at `path` (`qconfig` from `gptq_config`), v2 read as v1."""
+    path = Path(path)
+    return as_gptq_v1(_read_tensors(_weight_files(path)), qconfig, f"{path}: ")
 
 
 def _storage_ranges(tensors) -> list[tuple[int, int]]:
@@ -393,7 +418,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     rss_before = _resident_set_bytes()
 
     config = _plain_config(path)
-    tensors = _read_tensors(_weight_files(path))
+    tensors = read_gptq_tensors(path, qconfig)
     file_ranges = _storage_ranges(tensors.values())
 
     with parameters_on_meta():
