@@ -48,15 +48,22 @@ def test_vllm_accepts_the_default_recipes_gptq_config(tmp_path, tiny_llama_dir):
         AutoGPTQConfig.from_config({**qc, "desc_act": True})
 
 
-def test_vllm_accepts_the_compressed_tensors_config(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_vllm_accepts_the_compressed_tensors_config(tmp_path, tiny_llama_dir, sym):
+    """Asymmetric weights reach vLLM this way only: vLLM 0.32's GPTQ loader reads symmetric GPTQ alone."""
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 
     from compressor.export.compressed_tensors import export_compressed_tensors
 
-    gptq = _default_recipe_artifact(tmp_path, tiny_llama_dir)
+    gptq = _default_recipe_artifact(tmp_path, tiny_llama_dir, sym=sym)
+    if not sym:
+        with pytest.raises(ValueError, match="sym=False"):
+            AutoGPTQConfig.from_config(json.loads((gptq / "config.json").read_text())["quantization_config"])
     out = export_compressed_tensors(gptq, tmp_path / "ct", progress=False)
     config = CompressedTensorsConfig.from_config(json.loads((out / "config.json").read_text())["quantization_config"])
-    assert config.target_scheme_map  # the W4A16 group scheme was recognised
+    (scheme,) = config.target_scheme_map.values()  # the W4A16 group scheme was recognised
+    assert scheme["weights"].num_bits == 4 and scheme["weights"].symmetric == sym
 
 
 GENERATE = textwrap.dedent('''
