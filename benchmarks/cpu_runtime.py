@@ -58,7 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import onnx_decode  # noqa: E402 - the sibling benchmark: PROMPT, _timed_decode, measure, torch_engine, onnx_engine
 
-from compressor.export.artifact import write_json  # noqa: E402
+from compressor.artifacts.directory import write_json  # noqa: E402
 
 ENGINES = {
     "dense": "dense fp32 transformers",

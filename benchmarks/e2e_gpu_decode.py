@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from compressor.export.artifact import write_json
+from compressor.artifacts.directory import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:

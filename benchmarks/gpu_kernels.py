@@ -25,7 +25,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from compressor.export.artifact import write_json
+from compressor.artifacts.directory import write_json
 
 SHAPES = {  # name: (K, N)
     "llama 4096x4096 (q/o)": (4096, 4096),

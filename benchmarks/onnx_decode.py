@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compressor.export.artifact import write_json
+from compressor.artifacts.directory import write_json
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 import openai
-from compressor.export.artifact import write_json
+from compressor.artifacts.directory import write_json
 
 PROMPTS = [
     "def fibonacci(n):",

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import PROMPTS
 
-from compressor.export.artifact import write_json
+from compressor.artifacts.directory import write_json
 from compressor.serve import load_for_serving
 from compressor.serve.engine import Engine, EngineConfig
 from compressor.serve.sampling import SamplingParams

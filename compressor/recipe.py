@@ -379,8 +379,10 @@ class PushSection(_Strict):
     @field_validator("repo")
     @classmethod
     def _repo(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError("must be a Hub repository id like owner/name")
+        from compressor.hub_ids import is_repo_id
+
+        if not is_repo_id(v):
+            raise ValueError("must be a Hub repository id like owner/name (letters, digits, '-', '_', '.'; no '..' or '--')")
         return v
 
 

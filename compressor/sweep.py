@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from compressor.export.artifact import write_json
+from compressor.artifacts.directory import write_json
 from compressor.errors import UserError
 from compressor.pipeline import run
 from compressor.recipe import load_recipe

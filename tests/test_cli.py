@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from compressor import runtime
-from compressor.export.artifact import verify_manifest
+from compressor.artifacts.directory import verify_manifest
 from compressor.recipe import load_recipe
 from conftest import assert_user_error, invoke
 

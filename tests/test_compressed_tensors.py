@@ -29,7 +29,7 @@ from compressor import runtime  # noqa: E402
 from compressor.algorithms.pruning import check_nm, magnitude_prune  # noqa: E402
 from compressor.algorithms.quant import rtn_quantize  # noqa: E402
 from compressor.errors import ArtifactError, UserError  # noqa: E402
-from compressor.export.artifact import verify_manifest  # noqa: E402
+from compressor.artifacts.directory import verify_manifest  # noqa: E402
 from compressor.export.compressed_tensors import (  # noqa: E402
     RECIPE_FIX,
     convert_checkpoint_dir,

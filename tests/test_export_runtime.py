@@ -20,7 +20,7 @@ from torch import nn
 from compressor import runtime
 from compressor.algorithms.quant import QuantizedWeight, rtn_quantize
 from compressor.errors import ArtifactError, UserError
-from compressor.export.artifact import atomic_output_dir, check_output_dir, verify_manifest, write_manifest
+from compressor.artifacts.directory import atomic_output_dir, check_output_dir, verify_manifest, write_manifest
 from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, write_gptq_checkpoint
 from compressor.packing import pack_gptq_v1
 from compressor.kernels import cpu as cpu_kernels

@@ -246,10 +246,23 @@ def test_artifact_without_manifest_is_refused(artifact_copy):
         hub.push(artifact_copy, REPO, dry_run=True)
 
 
-@pytest.mark.parametrize("repo_id", ["noslash", "a/b/c", "/name", "owner/", "own er/name", "owner/na..me"])
+BAD_REPO_IDS = ["noslash", "a/b/c", "/name", "owner/", "own er/name", "owner/na..me", "owner/na--me", "owner/name.", "o/" + "x" * 97]
+
+
+@pytest.mark.parametrize("repo_id", BAD_REPO_IDS)
 def test_bad_repo_id(gptq_artifact, repo_id):
     with pytest.raises(UserError, match="OWNER/NAME"):
         hub.push(gptq_artifact, repo_id, dry_run=True, api=FakeApi())
+
+
+@pytest.mark.parametrize("repo_id", BAD_REPO_IDS)
+def test_the_recipe_refuses_what_push_would_refuse(repo_id):
+    """One rule (compressor.hub_ids): a recipe no longer runs for an hour to be refused at push."""
+    from compressor.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="push.repo"):
+        load_recipe(None, ["push.repo=" + repo_id])
+    assert load_recipe(None, ["push.repo=owner/name-1.2_x"]).push.repo == "owner/name-1.2_x"
 
 
 def test_cli_push_dry_run(gptq_artifact, monkeypatch):

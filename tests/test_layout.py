@@ -64,3 +64,67 @@ def test_the_wheel_installs_everything_under_compressor_with_the_kernel_sources(
     sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".c", ".cu", ".h"))
     assert sources and all(f"compressor/kernels/csrc/{s}" in names for s in sources)
     assert "compressor/kernels/build.py" in names and "compressor/evaluation/perplexity.py" in names
+    # every tracked module of the package (a subpackage missing from pyproject's list would vanish)
+    modules = [n for n in tracked if n.startswith("compressor/") and n.endswith(".py")]
+    assert modules and not [m for m in modules if m not in names]
+
+
+# The layers of ARCHITECTURE.md, checked on the source: package -> the compressor packages it may import.
+# A package not listed here may import anything below the orchestration layer (pipeline, cli, ...).
+MAY_IMPORT = {
+    "algorithms": set(),
+    "errors": set(),
+    "packing": {"algorithms"},
+    "artifacts": {"errors", "packing"},
+    "kernels": {"packing"},
+    "export": {"algorithms", "architectures", "artifacts", "engine", "errors", "lazy", "packing"},
+    "runtime": {"algorithms", "architectures", "artifacts", "errors", "kernels", "lazy", "packing"},
+}
+ORCHESTRATION = {"pipeline", "blockwise", "cli", "sweep"}
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """compressor package/module -> the compressor packages/modules it imports (lazy imports count)."""
+    import ast
+
+    edges: dict[str, set[str]] = {}
+    for path in (ROOT / "compressor").rglob("*.py"):
+        a = path.relative_to(ROOT / "compressor").with_suffix("").parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [n.name for n in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "compressor":  # from compressor import runtime
+                names = [f"compressor.{n.name}" for n in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                names = []
+            for name in names:
+                parts = name.split(".")
+                is_module = len(parts) > 1 and ((ROOT / "compressor" / parts[1]).is_dir() or (ROOT / "compressor" / f"{parts[1]}.py").is_file())
+                if parts[0] == "compressor" and is_module and parts[1] != a:
+                    edges.setdefault(a, set()).add(parts[1])
+    return edges
+
+
+def test_packages_import_only_their_layers():
+    edges = _package_imports()
+    wrong = {a: sorted(edges.get(a, set()) - allowed) for a, allowed in MAY_IMPORT.items() if edges.get(a, set()) - allowed}
+    assert not wrong, f"imports across layers (see ARCHITECTURE.md): {wrong}"
+    upward = {a: sorted(bs & ORCHESTRATION) for a, bs in edges.items() if a not in ORCHESTRATION and bs & ORCHESTRATION}
+    assert not upward, f"only the orchestration modules import pipeline/blockwise/cli/sweep: {upward}"
+
+
+def test_no_import_cycles_between_packages():
+    edges = _package_imports()
+    reach = {a: set(bs) for a, bs in edges.items()}
+    changed = True
+    while changed:
+        changed = False
+        for a in reach:
+            more = set().union(*(reach.get(b, set()) for b in reach[a])) - reach[a]
+            if more:
+                reach[a] |= more
+                changed = True
+    cycles = sorted({tuple(sorted((a, b))) for a in reach for b in reach[a] if a in reach.get(b, set())})
+    assert not cycles, f"package import cycles: {cycles}"

@@ -21,7 +21,7 @@ import yaml
 from compressor import runtime
 from compressor.algorithms.quant import rtn_quantize
 from compressor.errors import RecipeError, UserError
-from compressor.export.artifact import verify_manifest
+from compressor.artifacts.directory import verify_manifest
 from compressor.export.onnx import dequantize_nbits, export_onnx, gptq_to_nbits
 from compressor.packing import pack_gptq_v1
 from compressor.pipeline import run, validate
@@ -333,7 +333,7 @@ def test_smollm2_onnx_matches_the_pytorch_runtime(tmp_path_factory, smollm2_toke
     RTN weights written straight to a GPTQ v1 artifact keep this quick: the graph and the
     runtimes are under test here, not GPTQ (tests/test_smollm2_e2e.py covers that).
     """
-    from compressor.export.artifact import write_manifest
+    from compressor.artifacts.directory import write_manifest
     from compressor.export.gptq import gptq_quantization_config, write_gptq_checkpoint
     from compressor.models import load_model, resolve_source
 

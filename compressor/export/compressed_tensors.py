@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from compressor.algorithms.pruning import check_nm
 from compressor.engine import is_skipped
 from compressor.errors import ArtifactError, UserError
-from compressor.export.artifact import atomic_output_dir, write_manifest
+from compressor.artifacts.directory import atomic_output_dir, write_manifest
 from compressor.export.shards import ShardWriter, write_json
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,9 @@ def _linear_names(gptq_dir: Path) -> set[str]:
     from transformers import AutoModelForCausalLM
 
     from compressor.lazy import parameters_on_meta
-    from compressor.runtime import _plain_config
+    from compressor.artifacts.checkpoint import plain_config
 
-    config = _plain_config(gptq_dir)
+    config = plain_config(gptq_dir)
     try:
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config)
@@ -231,12 +231,12 @@ class _Checkpoint:
 
         self._qconfig = qconfig or {}  # a gptq_v2 checkpoint's qzeros are read in the v1 layout
 
-        from compressor.runtime import _read_tensors, _weight_files
+        from compressor.artifacts.checkpoint import read_tensors, weight_files
 
         self._handles, self._where, self._pickled = {}, {}, {}
-        for file in _weight_files(gptq_dir):
+        for file in weight_files(gptq_dir):
             if file.suffix != ".safetensors":  # an AutoGPTQ pickle: read whole
-                tensors = _read_tensors([file])
+                tensors = read_tensors([file])
                 self._pickled.update(tensors)
                 self._where.update(dict.fromkeys(tensors, None))
                 continue
@@ -257,7 +257,7 @@ class _Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         tensor = self._read(name)
         if name.endswith(".qzeros") and self._qconfig.get("checkpoint_format") == "gptq_v2":
-            from compressor.runtime import as_gptq_v1
+            from compressor.artifacts.checkpoint import as_gptq_v1
 
             qweight = name[: -len("qzeros")] + "qweight"
             tensor = as_gptq_v1({name: tensor, qweight: torch.empty(0, self.shape(qweight)[1])}, self._qconfig)[name]
@@ -309,11 +309,11 @@ def _check_layer(source: _Checkpoint, module: str, bits: int, group_size: int, s
 # ------------------------------------------------------------------------------------ artifacts
 def write_compressed_tensors_artifact(gptq_dir: Path, out_dir: Path, progress: bool = True) -> dict:
     """Convert the GPTQ artifact `gptq_dir` into the existing, empty `out_dir` (no manifest); return facts about it."""
-    from compressor import runtime
+    from compressor.artifacts.checkpoint import gptq_config
 
     gptq_dir, out_dir = Path(gptq_dir), Path(out_dir)
     ct = require_compressed_tensors()
-    qc = runtime.gptq_config(gptq_dir)
+    qc = gptq_config(gptq_dir)
     bits = qc["bits"]
     if bits not in SUPPORTED_BITS:  # before reading any weights
         raise UserError(f"{gptq_dir}: {bits}-bit weights cannot be exported as compressed-tensors: supported bits are "

@@ -37,11 +37,10 @@ import numpy as np
 import torch
 
 from compressor.algorithms.quant import QuantizedWeight
+from compressor.artifacts.formats import GGUF_CONFIG, GGUF_FILE
 from compressor.errors import ArtifactError, UserError
 from compressor.packing import unpack_gptq_v1
 
-GGUF_FILE = "model.gguf"
-GGUF_CONFIG = "gguf_config.json"  # what `compress info` and the model card read (and provenance)
 BLOCK = 32  # inputs per ggml block, for the three types used here
 GGUF_BITS = (4, 8)
 
@@ -324,20 +323,19 @@ def write_gguf(artifact: Path, out_file: Path, progress: bool = True, name: str 
     from tqdm import tqdm
     from transformers import AutoConfig
 
-    from compressor import runtime
-    from compressor.runtime import _read_tensors, _weight_files, read_gptq_tensors
+    from compressor.artifacts.checkpoint import gptq_config, is_gptq_artifact, read_gptq_tensors, read_tensors, weight_files
 
     artifact = Path(artifact)
     bits, qconfig = None, None
-    if runtime.is_gptq_artifact(artifact):
-        qconfig = runtime.gptq_config(artifact)
+    if is_gptq_artifact(artifact):
+        qconfig = gptq_config(artifact)
         bits = qconfig["bits"]
         # g_idx is checked per linear (older artifacts say desc_act true over an in-order g_idx)
         _check_exportable(bits, bool(qconfig.get("sym", True)), qconfig.get("group_size", -1), False, f"{artifact}: ")
     if round_to_nearest not in (None, "Q4_0", "Q4_1", "Q8_0"):
         raise UserError(f"round_to_nearest: {round_to_nearest!r} is not allowed: Q4_0, Q4_1 or Q8_0")
     config = _text_config(AutoConfig.from_pretrained(artifact))
-    tensors = read_gptq_tensors(artifact, qconfig) if qconfig else _read_tensors(_weight_files(artifact))
+    tensors = read_gptq_tensors(artifact, qconfig) if qconfig else read_tensors(weight_files(artifact))
     plan, architecture = _plan(artifact, config, tensors, round_to_nearest=round_to_nearest is not None and bits is None)
 
     # The header lists every tensor's type and size before any data, so each linear's ggml type is

@@ -231,12 +231,12 @@ def write_dense_checkpoint(out_dir: Path, model, tokenizer=None, max_shard_size:
 def check_conversion_source(artifact: Path, output: Path) -> None:
     """`compress export`'s checks on the GPTQ artifact it converts (one-line UserErrors), ending with
     the manifest: a directory, declaring GPTQ, not the output, every listed file intact."""
-    from compressor import runtime
-    from compressor.export.artifact import verify_manifest
+    from compressor.artifacts.checkpoint import is_gptq_artifact
+    from compressor.artifacts.directory import verify_manifest
 
     if not artifact.is_dir():
         raise UserError(f"{artifact}: not a directory; expected a GPTQ artifact directory")
-    if not runtime.is_gptq_artifact(artifact):
+    if not is_gptq_artifact(artifact):
         raise UserError(f"{artifact}: not a GPTQ artifact (config.json declares no GPTQ quantization_config)")
     if output.resolve() == artifact.resolve():
         raise UserError(f"--output: {output} is the input artifact; choose another directory")

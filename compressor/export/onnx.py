@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from compressor.errors import ArtifactError, UserError
-from compressor.export.artifact import atomic_output_dir, write_manifest
+from compressor.artifacts.directory import atomic_output_dir, write_manifest
+from compressor.artifacts.formats import ONNX_CONFIG, ONNX_FILE
+from compressor.artifacts.formats import require_onnx
 from compressor.packing import unpack_along_rows, unpack_qzeros_v1
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-ONNX_CONFIG = "onnx_config.json"  # what the runtime needs besides the graph (and provenance)
 OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention (with past and GQA) are opset 23 ops
 MS_DOMAIN = "com.microsoft"
 MATMUL_NBITS_BITS = (2, 4, 8)  # what onnxruntime's MatMulNBits kernels execute
@@ -405,17 +405,6 @@ def build_decoder(config, tensors: dict[str, torch.Tensor], bits: int, accuracy_
 
 
 # ------------------------------------------------------------------------------------ artifacts
-def require(module: str, purpose: str):
-    """Import the optional `onnx` / `onnxruntime` package, or say which extra installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"{purpose} needs the {module} package: pip install 'compressor[onnx]' "
-                        "(onnx >= 1.18 and onnxruntime >= 1.23 for opset 23)") from None  # fmt: skip
-
-
 def _save(model, out_dir: Path) -> None:
     import onnx
 
@@ -435,14 +424,13 @@ def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, 
     """
     from transformers import AutoConfig
 
-    from compressor import runtime
-    from compressor.runtime import read_gptq_tensors
+    from compressor.artifacts.checkpoint import gptq_config, read_gptq_tensors
 
     artifact, out_dir = Path(artifact), Path(out_dir)
-    require("onnx", "ONNX export")
+    require_onnx("onnx", "ONNX export")
     if accuracy_level not in (0, 4):
         raise UserError(f"accuracy_level: {accuracy_level} is not allowed: 0 (float32 compute) or 4 (int8 activations)")
-    qconfig = runtime.gptq_config(artifact)
+    qconfig = gptq_config(artifact)
     if qconfig["bits"] not in MATMUL_NBITS_BITS:  # before reading any weights
         raise UserError(f"{artifact}: {qconfig['bits']}-bit weights cannot be exported to ONNX: MatMulNBits runs bits "
                         f"{', '.join(map(str, MATMUL_NBITS_BITS))}")  # fmt: skip

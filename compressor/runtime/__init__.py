@@ -7,7 +7,6 @@ memory, no random init), swaps every Linear whose `<name>.qweight` is in the che
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,9 +15,10 @@ import torch
 from torch import nn
 
 from compressor.errors import ArtifactError
-from compressor.export.artifact import verify_manifest
+from compressor.artifacts.checkpoint import gptq_config, is_gptq_artifact, plain_config, read_gptq_tensors, weight_files
+from compressor.artifacts.directory import verify_manifest
 from compressor.lazy import parameters_on_meta
-from compressor.packing import SUPPORTED_BITS, dequantize_gptq_v1
+from compressor.packing import dequantize_gptq_v1
 from compressor.runtime.quant_linear import QuantLinear, register_kernel
 
 __all__ = [
@@ -60,124 +60,6 @@ register_kernel("cpu", _cpu_kernel)
 
 _LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _REQUIRED_LAYER_TENSORS = ("qweight", "qzeros", "scales")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: unreadable JSON ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
-    return data
-
-
-def _declared_quantization(path: Path) -> dict | None:
-    """config.json's quantization_config, else quantize_config.json (AutoGPTQ's file, GPTQ only)."""
-    config = _read_json(path / "config.json")
-    legacy_file = path / "quantize_config.json"
-    legacy = _read_json(legacy_file) if legacy_file.is_file() else None
-    qc = config.get("quantization_config")
-    if qc is None and legacy is not None:
-        qc = {"quant_method": "gptq", **legacy}
-    if not isinstance(qc, dict):
-        return None
-    qc = dict(qc)
-    if legacy is not None:  # older config.json blocks leave the format to quantize_config.json
-        for key in ("checkpoint_format", "format", "is_marlin_format"):
-            if key not in qc and key in legacy:
-                qc[key] = legacy[key]
-    return qc
-
-
-def is_gptq_artifact(path) -> bool:
-    """Whether `path` is a directory that declares GPTQ quantization (any format or bit width)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return False
-    try:
-        qc = _declared_quantization(path)
-    except ArtifactError:
-        return False
-    return qc is not None and qc.get("quant_method") == "gptq"
-
-
-def gptq_config(path) -> dict:
-    """The checkpoint's GPTQ quantization config, checked to be one this runtime executes."""
-    path = Path(path)
-    qc = _declared_quantization(path)
-    if qc is None or qc.get("quant_method") != "gptq":
-        found = "no quantization_config" if qc is None else f"quant_method {qc.get('quant_method')!r}"
-        raise ArtifactError(f"{path}: not a GPTQ checkpoint ({found}); expected quantization_config.quant_method 'gptq'")
-    fmt = "marlin" if qc.get("is_marlin_format") else (qc.get("checkpoint_format") or qc.get("format") or "gptq")
-    if fmt not in ("gptq", "gptq_v2"):
-        raise ArtifactError(
-            f"{path}: checkpoint_format {fmt!r} is not supported; GPTQ checkpoints load as 'gptq' (v1) or 'gptq_v2'"
-        )
-    qc["checkpoint_format"] = fmt
-    if qc.get("bits") not in SUPPORTED_BITS:
-        supported = ", ".join(map(str, SUPPORTED_BITS))
-        raise ArtifactError(f"{path}: bits {qc.get('bits')!r} is not supported; GPTQ bits must be one of {supported}")
-    return qc
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files: the shards an index names, else every safetensors (or .bin) file."""
-    indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
-    if indexes:
-        weight_map = _read_json(indexes[0]).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ArtifactError(f"{indexes[0]}: no weight_map")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise ArtifactError(f"{file}: shard named in {indexes[0].name} is missing")
-        return files
-    files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.glob("*.bin") if p.name != "training_args.bin")
-    if not files:
-        raise ArtifactError(f"{path}: no weight files (*.safetensors or *.bin)")
-    return files
-
-
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of `files`. safetensors maps the file: its tensors read the file's pages
-    lazily (`load` copies what it keeps: `_copy_file_backed`)."""
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            if file.suffix == ".safetensors":
-                tensors.update(load_file(file))
-            else:
-                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
-        except Exception as exc:  # corrupted headers, truncated files, pickles with code
-            raise ArtifactError(f"{file}: unreadable weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    return tensors
-
-
-def as_gptq_v1(tensors: dict[str, torch.Tensor], qconfig: dict, where: str = "") -> dict[str, torch.Tensor]:
-    """A gptq_v2 checkpoint's tensors in the v1 layout (qzeros = zero - 1) that every reader here
-    uses; v1 tensors are returned as they are."""
-    from compressor.packing import qzeros_v2_to_v1
-
-    if qconfig.get("checkpoint_format") != "gptq_v2":
-        return tensors
-    for name in [n for n in tensors if n.endswith(".qzeros")]:
-        qweight = tensors.get(name[: -len("qzeros")] + "qweight")
-        if qweight is None:
-            raise ArtifactError(f"{where}{name} has no qweight beside it")
-        try:
-            tensors[name] = qzeros_v2_to_v1(tensors[name], qconfig["bits"], qweight.shape[1])
-        except ValueError as exc:
-            raise ArtifactError(f"{where}{name}: {exc}") from None
-    return tensors
-
-
-def read_gptq_tensors(path, qconfig: dict) -> dict[str, torch.Tensor]:
-    """Every tensor of the GPTQ checkpoint at `path` (`qconfig` from `gptq_config`), v2 read as v1."""
-    path = Path(path)
-    return as_gptq_v1(_read_tensors(_weight_files(path)), qconfig, f"{path}: ")
 
 
 def _storage_ranges(tensors) -> list[tuple[int, int]]:
@@ -248,20 +130,6 @@ def _install_quant_linears(model, tensors: dict, bits: int, group_size, cache_de
             )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)
-
-
-def _plain_config(path: Path):
-    """The artifact's config without its quantization_config: the plain architecture, whose
-    quantized linears QuantLinear replaces."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ArtifactError(f"{path}/config.json: {str(exc).splitlines()[0][:300]}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
 
 
 def default_dtype(device) -> torch.dtype:
@@ -345,11 +213,11 @@ def memory_estimate(path, device="cpu", dtype: torch.dtype | None = None, cache_
     qconfig = gptq_config(path)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_plain_config(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(plain_config(path), dtype=dtype)
     keep_float16 = _embedding_weight_names(model) if _float16_storage(device, dtype, cache_dequantized) else set()
     float_size = torch.empty((), dtype=dtype).element_size()
     packed = other = 0
-    for file in _weight_files(path):
+    for file in weight_files(path):
         if file.suffix != ".safetensors":
             raise ArtifactError(f"{file}: memory estimates read safetensors headers only")
         with safe_open(file, "pt") as f:
@@ -417,7 +285,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     dtype = dtype or default_dtype(device)
     rss_before = _resident_set_bytes()
 
-    config = _plain_config(path)
+    config = plain_config(path)
     tensors = read_gptq_tensors(path, qconfig)
     file_ranges = _storage_ranges(tensors.values())
 

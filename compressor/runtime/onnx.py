@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import ArtifactError, UserError
-from compressor.export.artifact import verify_manifest
-from compressor.export.onnx import ONNX_CONFIG, ONNX_FILE, require
+from compressor.artifacts.directory import verify_manifest
+from compressor.artifacts.formats import ONNX_CONFIG, ONNX_FILE
+from compressor.artifacts.formats import require_onnx
 
 __all__ = ["OnnxCausalLM", "Step", "is_onnx_artifact", "load"]
 
@@ -36,7 +37,7 @@ class Step:
 
 
 def _providers(device: str) -> list[str]:
-    ort = require("onnxruntime", "running an ONNX artifact")
+    ort = require_onnx("onnxruntime", "running an ONNX artifact")
 
     available = ort.get_available_providers()
     if device == "cpu":
@@ -58,7 +59,7 @@ class _Scored:
 
 class OnnxCausalLM:
     def __init__(self, path, device: str = "cpu", threads: int | None = None, verify: bool = True):
-        ort = require("onnxruntime", "running an ONNX artifact")
+        ort = require_onnx("onnxruntime", "running an ONNX artifact")
 
         path = Path(path)
         if not is_onnx_artifact(path):
