@@ -165,9 +165,9 @@ def llama_engine(llm, prompt_tokens: list[int]):
 
 def serving_target(model, capacity: int, slots: int = 1):
     """The serving engine's wrapper of `model` (what `compress generate` and `compress serve` call)."""
-    from compressor.serve.engine import _serving_model
+    from compressor.serve.backends import backend_for
 
-    return _serving_model(model, slots, capacity, next(model.parameters()).dtype, "cpu")
+    return backend_for(model).new_cache(slots, capacity, next(model.parameters()).dtype, "cpu")
 
 
 def serving_engine(target, ids: torch.Tensor):

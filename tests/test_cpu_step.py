@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from compressor import runtime
 from compressor.serve import Engine, EngineConfig, complete
 from compressor.serve.cpu_step import CpuStep
-from compressor.serve.engine import _serving_model
+from compressor.serve.backends import backend_for
 from compressor.serve.kv_cache import SlotKVCache
 from compressor.serve.sampling import SamplingParams
 from conftest import make_tiny_llama, write_tiny_gptq_artifact
@@ -207,7 +207,7 @@ def test_step_logits_match_transformers_forward(artifact):
     step, in slot 1 of a 3-slot cache: the logits at every position against transformers' forward
     of the whole sequence on the same loaded model."""
     model = runtime.load(artifact)
-    target = _serving_model(model, 3, 64, torch.float32, "cpu")
+    target = backend_for(model).new_cache(3, 64, torch.float32, "cpu")
     assert target.cpu_step is not None
     ids = prompts([25], seed=4)[0]
     with torch.inference_mode():
@@ -225,8 +225,8 @@ def test_a_tokens_result_does_not_depend_on_its_batch_or_chunking(artifact):
     """Prompts read together in one padded step (rows of different lengths), or alone in chunks of
     3: every token's hidden state is bitwise the same; so are the next tokens' afterwards."""
     model = runtime.load(artifact)
-    together_model = _serving_model(model, 3, 64, torch.float32, "cpu")
-    alone_model = _serving_model(model, 3, 64, torch.float32, "cpu")
+    together_model = backend_for(model).new_cache(3, 64, torch.float32, "cpu")
+    alone_model = backend_for(model).new_cache(3, 64, torch.float32, "cpu")
     ps = prompts([7, 3, 11], seed=5)
     with torch.inference_mode():
         together, valid = together_model.hidden([(slot, p, 0) for slot, p in enumerate(ps)])

@@ -53,11 +53,11 @@ def complete(model, tokenizer, prompt: list[int], max_new_tokens: int, temperatu
     """Token ids of one completion of `prompt`, by the serving engine on the calling thread:
     the server's forward (on CPU artifacts its decode step) and sampling, so greedy outputs are
     exactly what `compress serve` returns for the same prompt. Stops at end-of-sequence."""
-    from compressor.serve.engine import _config
+    from compressor.serve.backends import backend_for
     from compressor.serve.sampling import SamplingParams
 
     total = len(prompt) + max_new_tokens
-    context = getattr(_config(model), "max_position_embeddings", None)
+    context = getattr(backend_for(model).config, "max_position_embeddings", None)
     if context and total > context:
         raise UserError(f"--max-new-tokens {max_new_tokens}: the prompt's {len(prompt)} tokens + {max_new_tokens} new ones "
                         f"exceed the model's context of {context} tokens")  # fmt: skip
@@ -86,12 +86,12 @@ def build(artifact: str, device: str = "auto", draft: str | None = None, served_
     """(app, engine): load the model (and draft), start the engine (unless told not to), wrap it in the FastAPI app.
     `dtype` and `cache_dequantized` apply to the model and the draft (models.load_any)."""
     from compressor.serve.api import create_app
-    from compressor.serve.onnx_backend import is_onnx_model
+    from compressor.serve.backends import backend_for
 
     model, tokenizer = load_for_serving(artifact, device, backend, dtype=dtype, cache_dequantized=cache_dequantized)
     draft_model = None
     if draft is not None:  # the draft runs on the served model's backend
-        draft_backend = "onnx" if is_onnx_model(model) else "torch"
+        draft_backend = backend_for(model).kind
         from compressor.runtime import is_gptq_artifact
 
         draft_model, draft_tokenizer = load_for_serving(draft, device, draft_backend, key="--draft", dtype=dtype,

@@ -25,7 +25,6 @@ in the same batch take one ordinary token per step in the same forward.
 from __future__ import annotations
 
 import heapq
-import inspect
 import logging
 import threading
 import time
@@ -36,10 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from compressor.errors import UserError
-from compressor.serve.cpu_step import CpuStep
-from compressor.serve.kv_cache import SlotKVCache, attention_mask, kv_bytes_per_token
+from compressor.serve.kv_cache import kv_bytes_per_token
 from compressor.serve.metrics import ServeMetrics
-from compressor.serve.onnx_backend import OnnxModel, is_onnx_model, serving_config
+from compressor.serve.backends import ServingModel, backend_for
 from compressor.serve.sampling import SamplingParams, make_generator, sample
 from compressor.serve.text import IncrementalDetokenizer, StopStringFilter
 
@@ -114,82 +112,15 @@ class Sequence:
         return self.cached >= len(self.prompt)
 
 
-@dataclass
-class _Model:
-    """A causal LM split into what the engine calls: the decoder stack and the output head."""
-
-    model: torch.nn.Module
-    cache: SlotKVCache
-
-    def __post_init__(self):
-        self.decoder = self.model.get_decoder()
-        self.head = self.model.get_output_embeddings()
-        params = inspect.signature(self.decoder.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
-        self.attn = self.model.config._attn_implementation
-        self.cpu_step = CpuStep.build(self.model, self.cache)  # None: every forward is transformers'
-
-    def hidden(self, rows: list[tuple[int, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last hidden states [B, S, H] for rows (slot, new tokens, position of the first), and the valid mask."""
-        if self.cpu_step is not None:
-            return self._hidden_on_cpu_step(rows)
-        width = max(len(tokens) for _, tokens, _ in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, (_, tokens, start) in enumerate(rows):
-            n = len(tokens)
-            ids[i, :n] = torch.tensor(tokens)
-            positions[i, :n] = torch.arange(start, start + n)
-            valid[i, :n] = True
-        device = self.cache.device
-        ids, positions, valid = ids.to(device), positions.to(device), valid.to(device)
-        self.cache.plan(torch.tensor([slot for slot, _, _ in rows]), positions, valid)
-        mask = attention_mask(positions, valid, self.cache.step.kv_len, self.attn, self.cache.dtype)
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_kw: self.cache})
-        return out.last_hidden_state, valid
-
-
-    def _hidden_on_cpu_step(self, rows: list[tuple[int, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`hidden` by the CPU step: every new token is one row of the step (its slot, its position)."""
-        lengths = [len(tokens) for _, tokens, _ in rows]
-        ids = torch.tensor([t for _, tokens, _ in rows for t in tokens])
-        positions = torch.tensor([start + i for _, tokens, start in rows for i in range(len(tokens))])
-        slots = torch.tensor([slot for slot, tokens, _ in rows for _ in tokens])
-        flat = self.cpu_step(ids, positions, slots)
-        width = max(lengths)
-        if width == 1:
-            return flat[:, None], torch.ones(len(rows), 1, dtype=torch.bool)
-        hidden = flat.new_zeros(len(rows), width, flat.shape[-1])
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, chunk in enumerate(flat.split(lengths)):
-            hidden[i, : len(chunk)] = chunk
-            valid[i, : len(chunk)] = True
-        return hidden, valid
-
-
-def _last_logits(model: _Model | OnnxModel, rows) -> torch.Tensor:
+def _last_logits(model: ServingModel, rows) -> torch.Tensor:
     """Logits [B, vocab] after each row's last new token (rows as for `hidden`)."""
     hidden, _ = model.hidden(rows)
     last = torch.tensor([len(tokens) - 1 for _, tokens, _ in rows], device=hidden.device)
     return model.head(hidden[torch.arange(len(rows), device=hidden.device), last]).float()
 
 
-def _config(model):
-    """The transformers config, or the same fields read from an ONNX artifact."""
-    return serving_config(model) if is_onnx_model(model) else model.config
-
-
-def _serving_model(model, slots: int, capacity: int, dtype: torch.dtype, device):
-    """What the engine calls for `model`: onnxruntime with a numpy slot cache, or torch with SlotKVCache."""
-    if is_onnx_model(model):
-        return OnnxModel(model, slots, capacity)
-    return _Model(model, SlotKVCache(model.config, slots, capacity, dtype, device))
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
+def _eos_ids(model_eos, tokenizer) -> set[int]:
     ids = set()
-    model_eos = model.eos_token_ids() if is_onnx_model(model) else getattr(model.generation_config, "eos_token_id", None)
     for value in (model_eos, tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)
@@ -201,17 +132,12 @@ def _eos_ids(model, tokenizer) -> set[int]:
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig, draft=None, metrics: ServeMetrics | None = None):
         self.tokenizer, self.config, self.metrics = tokenizer, config, metrics
-        onnx = is_onnx_model(model)
-        if draft is not None and is_onnx_model(draft) != onnx:
+        target = backend_for(model)  # chosen once; nothing below branches on the kind of model
+        drafter = backend_for(draft) if draft is not None else None
+        if drafter is not None and drafter.kind != target.kind:
             raise UserError("--draft: the draft must run on the same backend (torch or onnx) as the served model")
-        # onnxruntime hands back numpy arrays on the host: the engine samples on the CPU in float32
-        self.device = torch.device("cpu") if onnx else next(model.parameters()).device
-        self.dtype = torch.float32 if onnx else next(model.parameters()).dtype
-        self.backend = f"onnxruntime {model.session.get_providers()[0]}" if onnx else f"device {self.device}"
-        for m in (model, draft):
-            if m is not None and not onnx and m.config._attn_implementation not in ("sdpa", "eager"):
-                m.set_attn_implementation("sdpa")  # our 4-D masks are for sdpa/eager
-        model_config, draft_config = _config(model), _config(draft) if draft is not None else None
+        self.device, self.dtype, self.backend = target.device, target.dtype, target.label
+        model_config, draft_config = target.config, drafter.config if drafter is not None else None
         context = getattr(model_config, "max_position_embeddings", None)
         if context and config.max_model_len > context:
             raise UserError(f"--max-model-len {config.max_model_len} exceeds the model's context of {context} tokens")
@@ -233,9 +159,9 @@ class Engine:
             log.warning("KV cache budget %.2f GB fits %d sequences of %d tokens; batch size limited to %d",
                         config.kv_cache_gb, slots, capacity, slots)  # fmt: skip
         self.slots = slots
-        self.target = _serving_model(model, slots, capacity, self.dtype, self.device)
-        self.draft = _serving_model(draft, slots, capacity, self.dtype, self.device) if draft is not None else None
-        self.eos = _eos_ids(model, tokenizer)
+        self.target = target.new_cache(slots, capacity, self.dtype, self.device)
+        self.draft = drafter.new_cache(slots, capacity, self.dtype, self.device) if drafter is not None else None
+        self.eos = _eos_ids(target.eos_ids(), tokenizer)
         self.max_prompt_tokens = config.max_prompt_tokens or config.max_model_len - 1
         self.max_tokens = config.max_tokens or config.max_model_len - 1
 
@@ -580,7 +506,7 @@ class Engine:
 
 
 def default_max_model_len(model, cap: int = 2048) -> int:
-    context = getattr(_config(model), "max_position_embeddings", None) or cap
+    context = getattr(backend_for(model).config, "max_position_embeddings", None) or cap
     return int(min(context, cap))
 
 

@@ -24,11 +24,7 @@ import torch
 
 from compressor.runtime.onnx import OnnxCausalLM
 
-__all__ = ["OnnxModel", "OnnxSlotCache", "is_onnx_model", "serving_config"]
-
-
-def is_onnx_model(model) -> bool:
-    return isinstance(model, OnnxCausalLM)
+__all__ = ["OnnxModel", "OnnxSlotCache", "serving_config"]
 
 
 def serving_config(model: OnnxCausalLM) -> SimpleNamespace:
