@@ -276,7 +276,9 @@ def info(path: str | None) -> None:
 
         click.echo(yaml.safe_dump(load_recipe(p).model_dump(mode="json"), sort_keys=False).rstrip())
         return
-    gguf_file = p if p.is_file() and p.suffix == ".gguf" else p / "model.gguf" if (p / "gguf_config.json").is_file() else None
+    from compressor.artifacts.formats import GGUF_FILE, is_gguf_artifact
+
+    gguf_file = p if p.is_file() and p.suffix == ".gguf" else p / GGUF_FILE if is_gguf_artifact(p) else None
     if gguf_file is not None:
         from compressor.export.gguf import describe_gguf
 

@@ -61,17 +61,17 @@ def test_converters_read_v2_like_v1(tmp_path, smollm2_tokenizer):
     write_gguf(v1, tmp_path / "v1.gguf", progress=False, name="m")
     write_gguf(v2, tmp_path / "v2.gguf", progress=False, name="m")
     assert (tmp_path / "v1.gguf").read_bytes() == (tmp_path / "v2.gguf").read_bytes()
-    if pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed"):
-        from safetensors.torch import load_file
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors not installed")  # the GGUF half ran above
+    from safetensors.torch import load_file
 
-        from compressor.export.compressed_tensors import write_compressed_tensors_artifact
+    from compressor.export.compressed_tensors import write_compressed_tensors_artifact
 
-        for d in ("ct1", "ct2"):
-            (tmp_path / d).mkdir()
-        write_compressed_tensors_artifact(v1, tmp_path / "ct1", progress=False)
-        write_compressed_tensors_artifact(v2, tmp_path / "ct2", progress=False)
-        a, b = load_file(tmp_path / "ct1" / "model.safetensors"), load_file(tmp_path / "ct2" / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    for d in ("ct1", "ct2"):
+        (tmp_path / d).mkdir()
+    write_compressed_tensors_artifact(v1, tmp_path / "ct1", progress=False)
+    write_compressed_tensors_artifact(v2, tmp_path / "ct2", progress=False)
+    a, b = load_file(tmp_path / "ct1" / "model.safetensors"), load_file(tmp_path / "ct2" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_recipe_writes_v2_and_refuses_it_for_other_formats(tmp_path, tiny_llama_dir):

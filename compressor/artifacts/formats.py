@@ -6,6 +6,7 @@ share these names from here, below both of them.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from compressor.errors import UserError
 
@@ -13,6 +14,12 @@ ONNX_FILE = "model.onnx"
 ONNX_CONFIG = "onnx_config.json"  # what the runtime needs besides the graph (and provenance)
 GGUF_FILE = "model.gguf"
 GGUF_CONFIG = "gguf_config.json"  # what `compress info` and the model card read (and provenance)
+
+
+def is_gguf_artifact(path) -> bool:
+    """A directory that a recipe with `export.format: gguf` wrote (model.gguf + gguf_config.json)."""
+    path = Path(path)
+    return path.is_dir() and (path / GGUF_FILE).is_file() and (path / GGUF_CONFIG).is_file()
 
 
 def require_onnx(module: str, purpose: str):

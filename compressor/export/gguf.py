@@ -450,9 +450,6 @@ def convert_checkpoint_dir(write_gptq, out_dir: Path, name: str, progress: bool 
         return write_gguf_artifact(Path(tmp), out_dir, name, progress, extra={"gptq_weights_bytes": weights})
 
 
-def is_gguf_artifact(path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / GGUF_FILE).is_file() and (path / GGUF_CONFIG).is_file()
 
 
 
