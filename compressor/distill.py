@@ -65,7 +65,7 @@ from compressor.architectures import architecture_of
 from compressor.errors import UserError
 from compressor.evaluation.perplexity import perplexity
 from compressor.recipe import DistillStage
-from compressor.structured import keep_decoder_layers_
+from compressor.structured import keep_decoder_layers_, parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +350,8 @@ def distill_(
         "eval_seq_len": eval_seq_len,
         "final_perplexity": final.perplexity if final is not None else None,
         "final_eval": final.to_dict() if final is not None else None,  # windows, tokens, mean NLL
-        "teacher_parameters": _count(teacher),
-        "student_parameters": _count(student),
+        "teacher_parameters": parameter_count(teacher),
+        "student_parameters": parameter_count(student),
         "device": str(device),
         "num_processes": world,
         "mixed_precision": "bf16" if cuda else "no",
@@ -403,10 +403,6 @@ def plot_distill_curves(report: dict, path: Path | str) -> Path:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # tied weights count once
-
-
 def _vocab_rows(model: nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
@@ -417,7 +413,7 @@ def _vocab_rows(model: nn.Module) -> int:
 def _check_inputs(student, teacher, options: DistillStage, train_ids: torch.Tensor, key: str) -> None:
     if student is teacher:
         raise UserError(f"{key}: the student and the teacher are the same model object")
-    n_s, n_t = _count(student), _count(teacher)
+    n_s, n_t = parameter_count(student), parameter_count(teacher)
     if n_s > n_t:
         raise UserError(
             f"{key}: the student has {n_s:,} parameters, more than the teacher's {n_t:,}; "

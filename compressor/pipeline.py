@@ -25,6 +25,7 @@ from compressor.blockwise import check_whole_model_fits, choose_blockwise, round
 from compressor.data import calibration_batch, evaluation_tokens
 from compressor.engine import EngineOptions, is_skipped
 from compressor.errors import RecipeError, UserError
+from compressor.structured import parameter_count
 from compressor.evaluation.perplexity import perplexity
 from compressor.artifacts.directory import atomic_output_dir, check_output_dir, write_manifest
 from compressor.export.gptq import expected_size_bytes, gptq_quantization_config, permutes_g_idx, write_dense_checkpoint, write_gptq_checkpoint
@@ -263,7 +264,7 @@ def run(
         model = load_model(source, dtype, recipe.model.revision, recipe.model.trust_remote_code)
     timings["load model"] = m.to_dict()
     log.info("loaded %s (%s, %.1fM parameters) in %.1f s", source.label, model.config.model_type,
-             sum(p.numel() for p in model.parameters()) / 1e6, m.seconds)  # fmt: skip
+             parameter_count(model) / 1e6, m.seconds)  # fmt: skip
     dense_fp16_bytes = _unique_parameter_bytes(model)
     calib = recipe.data.calibration
     ev = recipe.data.evaluation
@@ -351,7 +352,7 @@ def run(
         "model": {
             "source": source.label,
             "model_type": model.config.model_type,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": parameter_count(model),
         },
         "environment": {
             "device": str(device),

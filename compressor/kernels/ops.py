@@ -40,7 +40,7 @@ def gemv_splits(n_tiles: int, k_tiles: int, sm_count: int) -> int:
     """K splits for the GEMV: the largest K range per block (<= 32 tiles, at most 16 tiles of
     shorter ranges tried) that still gives ~4 blocks per SM, so loads stay in flight everywhere."""
     target = 4 * sm_count
-    for tiles in (32, 16, 8, 4):
+    for tiles in (_GEMV_MAX_SPLIT_TILES, 16, 8, 4):
         splits = -(-k_tiles // tiles)
         if n_tiles * splits >= target:
             return splits
