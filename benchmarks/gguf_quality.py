@@ -33,15 +33,10 @@ import numpy as np
 import torch
 
 
-def nll_sum(logits: np.ndarray, ids: np.ndarray) -> float:
-    """Sum of -log p(ids[t+1] | ids[..t]) over one window (the README protocol's window_nll)."""
-    x = torch.from_numpy(np.asarray(logits[:-1], dtype=np.float32))
-    target = torch.from_numpy(ids[1:].astype(np.int64))
-    return float(torch.nn.functional.cross_entropy(x, target, reduction="sum"))
-
-
 def llama_cpp_perplexity(path: Path, windows: np.ndarray, threads: int) -> dict:
     from llama_cpp import Llama
+
+    from compressor.evaluation.perplexity import window_nll
 
     seq_len = windows.shape[1]
     llm = Llama(str(path), n_ctx=seq_len, n_batch=seq_len, n_ubatch=512, logits_all=True, n_threads=threads,
@@ -51,7 +46,8 @@ def llama_cpp_perplexity(path: Path, windows: np.ndarray, threads: int) -> dict:
         for window in windows:
             llm.reset()
             llm.eval(window.tolist())
-            total += nll_sum(np.asarray(llm.scores[:seq_len]), window)
+            logits = torch.from_numpy(np.asarray(llm.scores[:seq_len], dtype=np.float32))
+            total += float(window_nll(logits[None], torch.from_numpy(window.astype(np.int64))[None]))  # the README protocol's
     finally:
         llm.close()
     tokens = windows.shape[0] * (seq_len - 1)

@@ -143,3 +143,18 @@ def plain_config(path: Path):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
+
+
+# What a converted artifact does not copy from its GPTQ source: the files it writes its own
+# version of, and the GPTQ weights it re-expresses.
+_NOT_COPIED = ("config.json", "quantize_config.json", "manifest.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def copy_side_files(source: Path, out_dir: Path) -> None:
+    """Copy the GPTQ checkpoint's other files (tokenizer, generation config, report) into `out_dir`."""
+    import shutil
+
+    for path in sorted(Path(source).iterdir()):
+        if path.is_file() and path.name not in _NOT_COPIED and not path.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, Path(out_dir) / path.name)

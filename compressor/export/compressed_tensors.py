@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,6 +49,7 @@ from tqdm.auto import tqdm
 from compressor.algorithms.pruning import check_nm
 from compressor.engine import is_skipped
 from compressor.errors import ArtifactError, UserError
+from compressor.artifacts.checkpoint import copy_side_files
 from compressor.artifacts.directory import atomic_output_dir, write_manifest
 from compressor.export.shards import ShardWriter, write_json
 
@@ -61,8 +60,6 @@ SUPPORTED_BITS = (4, 8)  # vLLM's CompressedTensorsWNA16: uint4b8/uint8b128, and
 MAX_SHARD_SIZE = 2 * 10**9  # as our GPTQ exporter (write_gptq_checkpoint's default)
 RECIPE_FIX = "stages[i].quantize.static_groups: true"
 # Everything else in the GPTQ artifact (tokenizer, generation defaults, report) is copied as is.
-_NOT_COPIED = ("config.json", "quantize_config.json", "manifest.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 _GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
@@ -376,9 +373,7 @@ def write_compressed_tensors_artifact(gptq_dir: Path, out_dir: Path, progress: b
         )
     config_json["quantization_config"] = quantization_config(bits, group_size, sym, actorder, ignore, sparsity_block)
     write_json(out_dir / "config.json", config_json)
-    for path in sorted(gptq_dir.iterdir()):
-        if path.is_file() and path.name not in _NOT_COPIED and not path.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(path, out_dir / path.name)
+    copy_side_files(gptq_dir, out_dir)
 
     weights = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
     log.info("%s: %d linears as %d-bit %s (%s, group size %s), %d left float", out_dir, len(quantized), bits, FORMAT,
@@ -413,8 +408,7 @@ def export_compressed_tensors(artifact, output, overwrite: bool = False, progres
 
 def convert_checkpoint_dir(write_gptq, out_dir: Path, progress: bool = True) -> dict:
     """Pipeline helper: `write_gptq(tmp)` writes a GPTQ checkpoint, converted into `out_dir`; the GPTQ copy is deleted."""
-    with tempfile.TemporaryDirectory(prefix=".gptq-for-compressed-tensors-", dir=Path(out_dir).parent) as tmp:
-        write_gptq(Path(tmp))
-        gptq_bytes = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-        facts = write_compressed_tensors_artifact(Path(tmp), out_dir, progress)
-    return {**facts, "gptq_weights_bytes": gptq_bytes}
+    from compressor.export.gptq import via_gptq_checkpoint
+
+    return via_gptq_checkpoint(write_gptq, out_dir, lambda tmp, _: write_compressed_tensors_artifact(tmp, out_dir, progress),
+                               "compressed-tensors")  # fmt: skip

@@ -442,15 +442,10 @@ def write_gguf_artifact(gptq_dir: Path, out_dir: Path, name: str, progress: bool
 
 def convert_checkpoint_dir(write_gptq, out_dir: Path, name: str, progress: bool = True) -> dict:
     """Pipeline helper: `write_gptq(tmp)` writes a GPTQ checkpoint, converted into `out_dir`; the GPTQ copy is deleted."""
-    import tempfile
+    from compressor.export.gptq import via_gptq_checkpoint
 
-    with tempfile.TemporaryDirectory(prefix=".gptq-for-gguf-", dir=Path(out_dir).parent) as tmp:
-        write_gptq(Path(tmp))
-        weights = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-        return write_gguf_artifact(Path(tmp), out_dir, name, progress, extra={"gptq_weights_bytes": weights})
-
-
-
+    return via_gptq_checkpoint(write_gptq, out_dir, lambda tmp, weights: write_gguf_artifact(
+        tmp, out_dir, name, progress, extra={"gptq_weights_bytes": weights}), "gguf")  # fmt: skip
 
 
 def describe_gguf(path: Path) -> str:

@@ -241,3 +241,16 @@ def check_conversion_source(artifact: Path, output: Path) -> None:
     if output.resolve() == artifact.resolve():
         raise UserError(f"--output: {output} is the input artifact; choose another directory")
     verify_manifest(artifact)
+
+
+def via_gptq_checkpoint(write_gptq, out_dir: Path, convert, tag: str) -> dict:
+    """For the converted formats: `write_gptq(tmp)` writes the exact GPTQ checkpoint into a
+    temporary sibling of `out_dir`, `convert(tmp, gptq_weights_bytes)` turns it into `out_dir` and
+    returns its facts; the GPTQ copy is deleted. The facts gain `gptq_weights_bytes`, the size the
+    report compares against (converters that record it in their own config get it too)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f".gptq-for-{tag}-", dir=Path(out_dir).parent) as tmp:
+        write_gptq(Path(tmp))
+        weights = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
+        return {**convert(Path(tmp), weights), "gptq_weights_bytes": weights}

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from compressor.errors import ArtifactError, UserError
+from compressor.artifacts.checkpoint import copy_side_files
 from compressor.artifacts.directory import atomic_output_dir, write_manifest
 from compressor.artifacts.formats import ONNX_CONFIG, ONNX_FILE
 from compressor.artifacts.formats import require_onnx
@@ -44,8 +43,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq independent of the sequence length
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # protobuf cannot serialize 2 GB: larger models keep weights beside it
 # Everything else in the GPTQ artifact (tokenizer, generation defaults, report) is copied as is.
-_NOT_COPIED = ("config.json", "quantize_config.json", "manifest.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 
 
 # ------------------------------------------------------------------ GPTQ v1 -> MatMulNBits tensors
@@ -448,9 +445,7 @@ def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, 
     config_json = json.loads((artifact / "config.json").read_text())
     config_json.pop("quantization_config", None)  # the directory is no GPTQ checkpoint; see onnx_config.json
     (out_dir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-    for path in sorted(artifact.iterdir()):
-        if path.is_file() and path.name not in _NOT_COPIED and not path.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(path, out_dir / path.name)
+    copy_side_files(artifact, out_dir)
     s = builder.shape
     onnx_config = {
         "format": "onnx",
@@ -505,11 +500,10 @@ def export_onnx(artifact, output, overwrite: bool = False, accuracy_level: int =
 
 def convert_checkpoint_dir(write_gptq, out_dir: Path, accuracy_level: int = 0, progress: bool = True) -> dict:
     """Pipeline helper: `write_gptq(tmp)` writes a GPTQ checkpoint, converted into `out_dir`; the GPTQ copy is deleted."""
-    with tempfile.TemporaryDirectory(prefix=".gptq-for-onnx-", dir=Path(out_dir).parent) as tmp:
-        write_gptq(Path(tmp))
-        weights = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-        return write_onnx_artifact(Path(tmp), out_dir, accuracy_level, progress,
-                                   record_source=False, extra={"gptq_weights_bytes": weights})  # fmt: skip
+    from compressor.export.gptq import via_gptq_checkpoint
+
+    return via_gptq_checkpoint(write_gptq, out_dir, lambda tmp, weights: write_onnx_artifact(
+        tmp, out_dir, accuracy_level, progress, record_source=False, extra={"gptq_weights_bytes": weights}), "onnx")  # fmt: skip
 
 
 def onnx_bytes(directory: Path) -> int:
