@@ -48,7 +48,7 @@ def main() -> None:
         stages, fmt = ROWS[name]
         recipe = load_recipe(RECIPE, [f"stages={stages}", f"export.format={fmt}", f"output={args.out / name.replace(':', '-')}",
                                       f"evaluate.dense={'true' if dense is None else 'false'}"])  # fmt: skip
-        report = run(recipe, str(RECIPE), overwrite=True, progress=False).report
+        report = run(recipe, str(RECIPE), overwrite=True, progress=False).report.to_dict()
         dense = dense or report["perplexity"]["dense"]
         sp = report.get("sparsity") or {}
         structured = next((s["structured"] for s in report["stages"] if s.get("structured")), None)

@@ -58,7 +58,7 @@ def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 3)
 def bench(name: str, overrides: list[str], out_root: Path) -> dict:
     recipe = load_recipe(RECIPE, overrides + [f"output={out_root / name}"])
     result = run(recipe, str(RECIPE), overwrite=True, progress=False)
-    r = result.report
+    r = result.report.to_dict()
     stage = r["stages"][0]["measurement"]
     ids = evaluation_tokens(runtime.load_tokenizer(result.output), recipe.data.evaluation)[:512][None]
     loaded = runtime.load(result.output, cache_dequantized=True)

@@ -45,6 +45,7 @@ from compressor.lazy import LazyModel, move_buffers, parameter_count
 from compressor.models import ResolvedSource
 from compressor.monitor import measure
 from compressor.recipe import Recipe
+from compressor.report import StageReport
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ def available_memory_bytes() -> int:
 
 def check_whole_model_fits(recipe: Recipe, config, dtype: torch.dtype) -> None:
     """One-line error, before loading, when the model (and a distill teacher copy) cannot fit in memory."""
-    copies = 2 if any(kind == "distill" and o.teacher == "input" for kind, o in recipe.stage_list()) else 1
+    from compressor.stages import stage_kind
+
+    copies = 2 if any(stage_kind(kind).needs_input_model(o) for kind, o in recipe.stage_list()) else 1
     need = copies * whole_model_bytes(config, dtype)
     available = available_memory_bytes()
     if need > available:
@@ -183,7 +186,7 @@ def ideal_bytes(state: dict[str, torch.Tensor], quantized: dict) -> int:
     )
 
 
-def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch.device, dtype: torch.dtype,
+def run_blockwise(recipe: Recipe, recipe_file: str, source: ResolvedSource, config, device: torch.device, dtype: torch.dtype,
                   tmp: Path, progress: bool, timings: dict) -> dict[str, Any]:  # fmt: skip
     """Compress `recipe`'s model block by block into the (empty, temporary) artifact directory
     `tmp`; returns the report's sections (model, perplexity, stages, quantization config, size)."""
@@ -194,11 +197,10 @@ def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch
     from compressor.quantize import GPTQLayerwise
     from compressor.recipe import parse_size
 
-    source = checked["source"]
     with measure() as m:
         directory = model_directory(source, recipe.model.revision)
         tokenizer = load_tokenizer(source, recipe.model.revision, recipe.model.trust_remote_code)
-        lazy = LazyModel.open(directory, dtype, device, checked["config"], recipe.model.trust_remote_code)
+        lazy = LazyModel.open(directory, dtype, device, config, recipe.model.trust_remote_code)
         model, arch = lazy.model, architecture_of(lazy.model)
         move_buffers(model, device)  # the rotary tables; parameters stay meta until loaded
     timings["open model"] = m.to_dict()
@@ -253,13 +255,13 @@ def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch
     visitor.before_block = before_first_block
     with measure() as m:
         layers = run_layerwise(model, arch, calibration_ids, algorithm, engine, visitor)
-    stage_entry: dict[str, Any] = {"kind": kind, "options": options.model_dump(), "layers": layers, "measurement": m.to_dict(),
-                                   "seconds_per_block": [round(s, 2) for s in visitor.block_seconds]}  # fmt: skip
+    stage_entry = StageReport(kind=kind, options=options.model_dump(), layers=layers, measurement=m.to_dict(),
+                              seconds_per_block=[round(s, 2) for s in visitor.block_seconds])  # fmt: skip
     log.info("stage 0 %s done in %.1f s (%.1f s per block)", kind, m.seconds, m.seconds / max(len(visitor.block_seconds), 1))
     sparsity = None
     if kind == "prune":
         sparsity = {**sparsity_summary(model, layers), "structure": options.pattern or "unstructured", "method": options.method}
-        stage_entry["sparsity"] = sparsity
+        stage_entry.sparsity = sparsity
         model.config.compressor_sparsity = sparsity_config(sparsity, layers, options.skip)
 
     with measure() as m:
@@ -302,9 +304,10 @@ def run_blockwise(recipe: Recipe, recipe_file: str, checked: dict, device: torch
         "environment": {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                         "load": "blockwise"},  # fmt: skip
-        "perplexity": {"source": ev.source, "dense": dense_ppl, "compressed": compressed_ppl},
-        "stages": [stage_entry] + ([{"kind": "quantize", "options": joint.model_dump(), "fused_into": "stages[0]",
-                                     "measurement": stage_entry["measurement"], "layers": {}}] if joint is not None else []),  # fmt: skip
+        "dense": dense_ppl,
+        "compressed": compressed_ppl,
+        "stages": [stage_entry] + ([StageReport(kind="quantize", options=joint.model_dump(), fused_into="stages[0]",
+                                                measurement=stage_entry.measurement)] if joint is not None else []),  # fmt: skip
         "sparsity": sparsity,
         "quantization_config": quant_config,
         "ideal_bytes": sizes["ideal"],

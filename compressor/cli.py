@@ -99,20 +99,20 @@ def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool,
 
     r = load_recipe(recipe, list(overrides))
     result = run_pipeline(r, str(recipe), overwrite=overwrite, progress=not no_progress, resume=resume)
-    ppl = result.report["perplexity"]
-    size = result.report["size"]
+    ppl, size = result.report.perplexity, result.report.size
     click.echo(f"artifact: {result.output}")
-    if ppl.get("dense") and ppl.get("compressed"):
+    if ppl.dense and ppl.compressed:
         click.echo(
-            f"perplexity: dense {ppl['dense']['perplexity']:.4f} -> compressed "
-            f"{ppl['compressed']['perplexity']:.4f} ({100 * ppl['increase']:+.2f}%)"
+            f"perplexity: dense {ppl.dense['perplexity']:.4f} -> compressed "
+            f"{ppl.compressed['perplexity']:.4f} ({100 * ppl.increase:+.2f}%)"
         )
-    elif ppl.get("compressed"):
-        click.echo(f"perplexity: compressed {ppl['compressed']['perplexity']:.4f}")
-    click.echo(
-        f"size: {size['artifact_weights_bytes'] / 1e6:.1f} MB "
-        f"({size['artifact_over_dense_fp16']:.3f}x of dense fp16, {size['artifact_over_ideal']:.3f}x of ideal)"
-    )
+    elif ppl.compressed:
+        click.echo(f"perplexity: compressed {ppl.compressed['perplexity']:.4f}")
+    if size is not None:
+        click.echo(
+            f"size: {size.artifact_weights_bytes / 1e6:.1f} MB "
+            f"({size.artifact_over_dense_fp16:.3f}x of dense fp16, {size.artifact_over_ideal:.3f}x of ideal)"
+        )
     click.echo(f"report: {result.output / 'report.md'}")
 
 
@@ -132,13 +132,10 @@ def sweep(recipe: Path, key: str, values_text: str, out: Path, overrides: tuple[
       compress sweep recipes/smollm2-sparsegpt50.yaml --key stages[0].prune.sparsity \\
         --values 0.3,0.5,0.7 --out runs/sweep-sparsegpt
     """
-    import re
-
-    import yaml
-
+    from compressor.recipe import parse_value
     from compressor.sweep import sweep as run_sweep
 
-    values = [v.strip() if re.fullmatch(r"\d+:\d+", v.strip()) else yaml.safe_load(v) for v in values_text.split(",") if v.strip()]
+    values = [parse_value(v, "--values") for v in values_text.split(",") if v.strip()]
     summary = run_sweep(recipe, key, values, out, list(overrides), overwrite, progress=not no_progress)
     dense = summary["dense"]
     if dense:
@@ -168,15 +165,18 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     from compressor.recipe import load_recipe
 
     r = load_recipe(recipe, list(overrides))
+    from compressor.stages import stage_kind
+
     checked = validate_recipe(r, str(recipe))
-    stages = ", ".join(f"{kind}({getattr(opts, 'method', opts.loss if kind == 'distill' else '')})" for kind, opts in r.stage_list())
+    stages = ", ".join(f"{kind}({stage_kind(kind).summary(opts)})" for kind, opts in r.stage_list())
+    reshaped = any(stage_kind(kind).reshapes_model(opts) for kind, opts in r.stage_list())
     click.echo(
-        f"{recipe}: ok: model {checked['source'].label} ({checked['config'].model_type}), "
-        f"stages [{stages}], {checked['quantized_linears']} linears to compress"
-        f"{' (counted before structured pruning)' if any(k == 'prune' and o.method == 'structured' for k, o in r.stage_list()) else ''}, "
+        f"{recipe}: ok: model {checked.source.label} ({checked.config.model_type}), "
+        f"stages [{stages}], {checked.linears_to_compress} linears to compress"
+        f"{' (counted before structured pruning)' if reshaped else ''}, "
         f"output {r.output}"
     )
-    for warning in checked["warnings"]:
+    for warning in checked.warnings:
         click.echo(f"warning: {warning}", err=True)
 
 

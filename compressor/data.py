@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from compressor.errors import UserError
 from compressor.hub_ids import is_repo_id
 from compressor.models import hub_reachable
-from compressor.recipe import CalibrationData, EvaluationData, TextSource
+from compressor.options import Options
 
 Part = Literal["calibration", "evaluation"]
 
@@ -43,6 +44,36 @@ PYTHON_DOCS = "python-docs"
 PYTHON_DOCS_EVAL_EVERY = 5  # every 5th sorted topic (i % 5 == 0) is evaluation text
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 MAX_CHARS = 20_000_000  # ~5M tokens; wikitext-2's train split (~11M characters) fits whole
+
+
+# The recipe's `data.calibration` and `data.evaluation` options (compressor.recipe composes them).
+class TextSource(Options):
+    source: str = Field(
+        "python-docs",
+        description="`python-docs` (embedded CPython docs), `wikitext2`, `c4`, a Hub dataset id, "
+        "or a local `.txt` / `.jsonl` / `.parquet` file.",
+    )
+    config: str | None = Field(None, description="Hub dataset configuration name (e.g. `wikitext-2-raw-v1`).")
+    split: str | None = Field(
+        None, description="Dataset split; default `train` for calibration and `test` for evaluation."
+    )
+    text_field: str = Field("text", description="Column holding the text in datasets and .jsonl/.parquet files.")
+
+
+class CalibrationData(TextSource):
+    samples: int = Field(64, ge=1, description="Number of calibration sequences.")
+    seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence.")
+    seed: int = Field(0, ge=0, description="Seed for choosing the calibration windows.")
+
+
+class EvaluationData(TextSource):
+    seq_len: int = Field(
+        2048, ge=8, description="Perplexity window length, capped by the model's context length."
+    )
+    max_windows: int | None = Field(
+        None, ge=1, description="Evaluate only the first N windows (default: all of them)."
+    )
+    batch_size: int = Field(1, ge=1, description="Windows per forward pass during evaluation.")
 SEPARATOR = "\n\n"
 
 # shorthand -> (Hub dataset, config, default split for calibration, for evaluation)

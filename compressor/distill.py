@@ -1,6 +1,6 @@
 """Knowledge distillation: train a student to reproduce a frozen teacher's next-token distribution.
 
-The `distill` stage of a recipe (options: `compressor.recipe.DistillStage`, losses:
+The `distill` stage of a recipe (options: `DistillStage` below, losses:
 `compressor.algorithms.distill_losses`). Typical use is to recover what pruning or layer removal
 lost (Minitron: prune, then distill from the unpruned model with forward KL on the logits).
 
@@ -54,9 +54,10 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -64,10 +65,60 @@ from compressor.algorithms.distill_losses import combined_loss
 from compressor.architectures import architecture_of
 from compressor.errors import UserError
 from compressor.evaluation.perplexity import perplexity
-from compressor.recipe import DistillStage
+from compressor.options import Options
 from compressor.structured import keep_decoder_layers_, parameter_count
 
 log = logging.getLogger(__name__)
+
+
+# The options of a recipe's `distill` stage (registered by compressor.stages.distill).
+class DistillStage(Options):
+    teacher: str = Field(
+        "input",
+        description="`input` (the model as it entered the pipeline, before any stage) or any model source.",
+    )
+    student: str = Field(
+        "current",
+        description="`current` (the model as the previous stages left it), or any model source "
+        "(a smaller model), or `keep_layers` (the teacher with only `keep_layers` kept).",
+    )
+    keep_layers: list[int] | None = Field(None, description="With student: keep_layers, the teacher layers to keep.")
+    loss: Literal["forward_kl", "reverse_kl"] = Field(
+        "forward_kl", description="Logit distillation loss (Minitron: forward KL on logits works best)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models; the KL is scaled by T^2.")
+    lm_weight: float = Field(
+        0.0, ge=0, le=1, description="Mix with the ordinary next-token loss: (1-w) * KD + w * LM (1 = plain fine-tuning)."
+    )
+    hidden_loss: Literal["none", "mse", "cosine"] = Field("none", description="Optional hidden-state loss.")
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state loss.")
+    layer_map: dict[int, int] = Field(
+        default_factory=dict, description="Hidden-state loss pairs: student layer -> teacher layer (outputs of those blocks)."
+    )
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, ge=0, description="Seed for data order and anything random.")
+    eval_every: int = Field(50, ge=0, description="Perplexity on the evaluation data every N steps (0: only at the end).")
+    eval_windows: int | None = Field(2, ge=1, description="Windows used by the periodic evaluations (None: all).")
+    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: never); `compress run --resume` continues.")
+    checkpoint_dir: str | None = Field(None, description="Where checkpoints go (default: `<output>.distill-ckpt`).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistillStage":
+        if self.student == "keep_layers" and not self.keep_layers:
+            raise ValueError("student: keep_layers needs a non-empty `keep_layers` list")
+        if self.keep_layers and self.student != "keep_layers":
+            raise ValueError("`keep_layers` needs student: keep_layers")
+        if self.hidden_loss != "none" and (not self.layer_map or self.hidden_weight <= 0):
+            raise ValueError("a hidden_loss needs a `layer_map` and a positive `hidden_weight`")
+        return self
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1

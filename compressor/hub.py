@@ -17,6 +17,7 @@ import yaml
 from compressor.artifacts.formats import GGUF_CONFIG, ONNX_CONFIG
 from compressor.errors import ArtifactError, UserError
 from compressor.hub_ids import is_repo_id
+from compressor.report import read_report
 from compressor.artifacts.directory import MANIFEST_NAME, verify_manifest
 
 CARD_NAME = "README.md"
@@ -81,8 +82,8 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     """README.md for the Hub: YAML metadata, the recipe, the metrics, and how to load the model."""
     artifact_dir = Path(artifact_dir)
     config = _read_json(artifact_dir / "config.json")
-    report = _read_json(artifact_dir / "report.json")
-    source = (report.get("model") or {}).get("source")
+    report = read_report(artifact_dir)  # None: no report.json (an artifact from elsewhere)
+    source = report.model.source if report else None
     onnx_config = _read_json(artifact_dir / ONNX_CONFIG)  # {} unless an ONNX artifact
     # an ONNX artifact's config.json drops quantization_config; onnx_config.json keeps the source's
     qc = config.get("quantization_config") or onnx_config.get("quantization_config") or {}
@@ -136,27 +137,24 @@ def model_card(artifact_dir: Path, repo_id: str) -> str:
     if recipe.is_file():
         lines += ["## Recipe", "", "```yaml", recipe.read_text().rstrip(), "```", ""]
 
-    ppl = report.get("perplexity") or {}
-    size = report.get("size") or {}
-    if ppl.get("dense") or ppl.get("compressed") or size:
+    ppl = report.perplexity if report else None
+    size = report.size if report else None
+    if (ppl and (ppl.dense or ppl.compressed)) or size:
         lines += ["## Metrics", ""]
-    if ppl.get("dense") or ppl.get("compressed"):
-        lines += [f"Perplexity on `{ppl.get('source', '?')}` (lower is better):", "",
+    if ppl and (ppl.dense or ppl.compressed):
+        lines += [f"Perplexity on `{ppl.source or '?'}` (lower is better):", "",
                   "| model | perplexity | windows | seq_len | tokens |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-        for name in ("dense", "compressed"):
-            r = ppl.get(name)
+        for name, r in (("dense", ppl.dense), ("compressed", ppl.compressed)):
             if r:
                 lines.append(f"| {name} | {r['perplexity']:.4f} | {r.get('windows', '?')} | {r.get('seq_len', '?')} | {r.get('tokens', '?')} |")
-        if ppl.get("increase") is not None:
-            lines += ["", f"Perplexity change: {100 * ppl['increase']:+.2f}%."]
+        if ppl.increase is not None:
+            lines += ["", f"Perplexity change: {100 * ppl.increase:+.2f}%."]
         lines.append("")
     if size:
         lines += ["| size | bytes | |", "|---|---:|---:|",
-                  f"| artifact weights | {size.get('artifact_weights_bytes', '?')} | {_fmt_bytes(size.get('artifact_weights_bytes', 0))} |",
-                  f"| dense fp16 | {size.get('dense_fp16_bytes', '?')} | {_fmt_bytes(size.get('dense_fp16_bytes', 0))} |"]  # fmt: skip
-        if size.get("artifact_over_dense_fp16") is not None:
-            lines += ["", f"The weights are {size['artifact_over_dense_fp16']:.3f}x the size of the dense fp16 model."]
-        lines.append("")
+                  f"| artifact weights | {size.artifact_weights_bytes} | {_fmt_bytes(size.artifact_weights_bytes)} |",
+                  f"| dense fp16 | {size.dense_fp16_bytes} | {_fmt_bytes(size.dense_fp16_bytes)} |",
+                  "", f"The weights are {size.artifact_over_dense_fp16:.3f}x the size of the dense fp16 model.", ""]  # fmt: skip
 
     name = repo_id.split("/", 1)[1]
     serve_lines = ["### compress serve (OpenAI-compatible API)", "", "```bash",

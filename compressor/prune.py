@@ -8,11 +8,13 @@ weights are also quantized in the same pass, and the quantized records are retur
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compressor.algorithms.gptq import output_error
@@ -20,7 +22,111 @@ from compressor.algorithms.pruning import PruneResult, magnitude_prune, sparsegp
 from compressor.algorithms.quant import QuantizedWeight, grid_params, max_code
 from compressor.architectures import architecture_of
 from compressor.engine import EngineOptions, InputStatistics, is_skipped, run_layerwise
-from compressor.recipe import PruneStage, QuantizeStage
+from compressor.options import Options
+from compressor.quantize import QuantizeStage
+
+
+# The options of a recipe's `prune` stage (registered by compressor.stages.prune).
+UNSTRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+class PruneStage(Options):
+    method: Literal["magnitude", "wanda", "sparsegpt", "structured"] = Field(
+        ..., description="`magnitude`, `wanda`, `sparsegpt` (per-weight or N:M) or `structured` (removes channels/heads/layers)."
+    )
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="Unstructured: fraction of each linear's weights set to zero (per output row)."
+    )
+    pattern: str | None = Field(
+        None,
+        description="Semi-structured N:M, e.g. `2:4`: every 4 consecutive inputs keep at most 2 weights "
+        "(`sparsity` may be given too, and must then equal (M-N)/M).",
+    )
+    layer_sparsity: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-layer overrides of `sparsity`: glob pattern of module names -> sparsity (first match wins).",
+    )
+    target: Literal["mlp_channels", "heads", "layers"] | None = Field(
+        None, description="Structured: what to remove."
+    )
+    ratio: float | None = Field(
+        None, gt=0, lt=1, description="Structured mlp_channels/heads: fraction to remove (uniform across layers)."
+    )
+    count: int | None = Field(None, ge=1, description="Structured layers: how many decoder layers to remove.")
+    heads_mode: Literal["query", "groups"] = Field(
+        "query",
+        description="Structured heads with GQA: `query` drops the same number of query heads inside every "
+        "key/value group; `groups` drops whole key/value groups with their query heads.",
+    )
+    block_size: int = Field(128, ge=1, description="SparseGPT: columns per mask-selection block.")
+    damp_percent: float = Field(0.01, gt=0, lt=1, description="SparseGPT: Hessian damping (fraction of the mean diagonal).")
+    joint_quantize: bool = Field(
+        False,
+        description="SparseGPT only: quantize the kept weights in the same pass with the settings of the "
+        "quantize stage that must directly follow (SparseGPT+GPTQ in one pass).",
+    )
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Module names (glob patterns) left dense; embeddings are never pruned.",
+    )
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern_is_text(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
+            raise ValueError("must be a quoted 'N:M' string, e.g. pattern: \"2:4\" (unquoted, YAML reads 2:4 as the number 124)")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(v))
+        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+            raise ValueError("must be 'N:M' with 0 < N < M, e.g. '2:4' or '4:8'")
+        return f"{int(m.group(1))}:{int(m.group(2))}"
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, value in v.items():
+            if not 0 <= value < 1:
+                raise ValueError(f"sparsity for {key!r} must be in [0, 1), got {value}")
+        return v
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "PruneStage":
+        if self.method in UNSTRUCTURED_METHODS:
+            if self.sparsity is None and self.pattern is None:
+                raise ValueError(f"method {self.method} needs `sparsity` or an N:M `pattern`")
+            if self.pattern is not None and self.sparsity is not None:
+                n, m = self.nm()
+                if abs(self.sparsity - (m - n) / m) > 1e-9:
+                    raise ValueError(f"pattern {self.pattern} means sparsity {(m - n) / m:g}, not {self.sparsity:g}")
+            if self.pattern is not None and self.layer_sparsity:
+                raise ValueError("layer_sparsity applies to `sparsity`, not to an N:M `pattern`")
+            if self.target or self.ratio or self.count:
+                raise ValueError("`target`, `ratio` and `count` belong to method: structured")
+            if self.joint_quantize and self.method != "sparsegpt":
+                raise ValueError("joint_quantize needs method: sparsegpt")
+        else:
+            if self.target is None:
+                raise ValueError("method structured needs `target`: mlp_channels, heads or layers")
+            if self.target == "layers" and (self.count is None or self.ratio is not None):
+                raise ValueError("target layers needs `count` (number of layers to remove), not `ratio`")
+            if self.target != "layers" and (self.ratio is None or self.count is not None):
+                raise ValueError(f"target {self.target} needs `ratio` (fraction to remove), not `count`")
+            if self.sparsity is not None or self.pattern is not None or self.joint_quantize:
+                raise ValueError("`sparsity`, `pattern` and `joint_quantize` belong to unstructured methods")
+        return self
+
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
 
 
 def layer_sparsity(name: str, options: PruneStage) -> float | None:
@@ -133,7 +239,8 @@ def prune_(
     if options.method == "structured":
         from compressor.structured import prune_structured_
 
-        report = prune_structured_(model, options, calibration_ids, key=key, progress=engine.progress)
+        report = prune_structured_(model, options, calibration_ids, key=key, batch_size=engine.batch_size, progress=engine.progress,
+                                   device=engine.device, max_activation_gb=engine.max_activation_gb)  # fmt: skip
         return PruneOutcome(layers={}, structured=report)
     engine.true_sequential = True
     engine.skip = tuple(options.skip)

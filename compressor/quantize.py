@@ -11,16 +11,17 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from compressor.algorithms.gptq import gptq_quantize, prepare_hessian, relative_error, row_output_errors, rtn_quantize_result
 from compressor.algorithms.quant import QuantizedWeight
 from compressor.architectures import architecture_of
 from compressor.engine import EngineOptions, InputStatistics, run_layerwise
-from compressor.recipe import QuantizeStage
+from compressor.options import Options
 
 
 # A Hessian at least this big waits on disk while GPTQ's column loop runs: the loop needs only
@@ -28,6 +29,62 @@ from compressor.recipe import QuantizeStage
 # holds one K x K buffer at a time instead of two (an 8B model's 14336-wide down projection:
 # 0.82 GB each), for one write and one read of the file.
 OFFLOAD_HESSIAN_BYTES = 256 << 20
+
+
+# The options of a recipe's `quantize` stage (registered by compressor.stages.quantize).
+class QuantizeStage(Options):
+    method: Literal["gptq", "rtn"] = Field(
+        "gptq", description="`gptq` (Hessian-aware) or `rtn` (round to nearest, a baseline)."
+    )
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    group_size: int = Field(
+        64,
+        description="Input rows sharing one scale/zero: -1 (one group per output) or a positive "
+        "divisor of every quantized layer's input width.",
+    )
+    sym: bool = Field(True, description="Symmetric quantization (zero point fixed at 2^(bits-1)).")
+    desc_act: bool = Field(
+        True, description="Act-order: quantize columns by decreasing Hessian diagonal (the biggest quality lever)."
+    )
+    static_groups: bool = Field(
+        True,
+        description="Fix each group's grid before reordering, so g_idx stays k // group_size and "
+        "act-order costs nothing at inference; false forms groups in act-order (g_idx permuted).",
+    )
+    damp_percent: float = Field(
+        0.01, gt=0, lt=1, description="Damping added to the Hessian diagonal, as a fraction of its mean."
+    )
+    max_damp_percent: float = Field(
+        1.0, gt=0, le=10, description="Damping escalates (x2, logged) up to this when the Hessian is not positive definite."
+    )
+    mse: bool = Field(
+        True, description="Choose each group's range by searching shrink factors (100%..80%) for the least error."
+    )
+    block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width (columns).")
+    true_sequential: bool = Field(
+        True,
+        description="Quantize a block's linears in execution order (q/k/v, o, gate/up, down), each "
+        "calibrated on the outputs of those already quantized.",
+    )
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Module names (glob patterns, e.g. `*.down_proj`) left unquantized.",
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be -1 or a positive integer")
+        return v
+
+    @model_validator(mode="after")
+    def _static_needs_act_order(self) -> "QuantizeStage":
+        if self.static_groups and self.group_size == -1:
+            raise ValueError("static_groups needs a group_size other than -1")
+        if self.max_damp_percent < self.damp_percent:
+            raise ValueError("max_damp_percent must be >= damp_percent")
+        return self
 
 
 @contextmanager

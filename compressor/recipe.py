@@ -15,26 +15,16 @@ import copy
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, PlainValidator, ValidationError, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
+from compressor.data import CalibrationData, EvaluationData
 from compressor.errors import RecipeError, UserError
-
-
-class _Strict(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from compressor.options import Options as _Strict
+from compressor.stages import StageKind, stage_kind, stage_kinds
 
 
 # --------------------------------------------------------------------------------------- model
@@ -57,283 +47,52 @@ class ModelSpec(_Strict):
 
 
 # ---------------------------------------------------------------------------------------- data
-class TextSource(_Strict):
-    source: str = Field(
-        "python-docs",
-        description="`python-docs` (embedded CPython docs), `wikitext2`, `c4`, a Hub dataset id, "
-        "or a local `.txt` / `.jsonl` / `.parquet` file.",
-    )
-    config: str | None = Field(None, description="Hub dataset configuration name (e.g. `wikitext-2-raw-v1`).")
-    split: str | None = Field(
-        None, description="Dataset split; default `train` for calibration and `test` for evaluation."
-    )
-    text_field: str = Field("text", description="Column holding the text in datasets and .jsonl/.parquet files.")
-
-
-class CalibrationData(TextSource):
-    samples: int = Field(64, ge=1, description="Number of calibration sequences.")
-    seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence.")
-    seed: int = Field(0, ge=0, description="Seed for choosing the calibration windows.")
-
-
-class EvaluationData(TextSource):
-    seq_len: int = Field(
-        2048, ge=8, description="Perplexity window length, capped by the model's context length."
-    )
-    max_windows: int | None = Field(
-        None, ge=1, description="Evaluate only the first N windows (default: all of them)."
-    )
-    batch_size: int = Field(1, ge=1, description="Windows per forward pass during evaluation.")
-
-
 class DataSection(_Strict):
     calibration: CalibrationData = Field(default_factory=CalibrationData)
     evaluation: EvaluationData = Field(default_factory=EvaluationData)
 
 
 # -------------------------------------------------------------------------------------- stages
-class QuantizeStage(_Strict):
-    method: Literal["gptq", "rtn"] = Field(
-        "gptq", description="`gptq` (Hessian-aware) or `rtn` (round to nearest, a baseline)."
-    )
-    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
-    group_size: int = Field(
-        64,
-        description="Input rows sharing one scale/zero: -1 (one group per output) or a positive "
-        "divisor of every quantized layer's input width.",
-    )
-    sym: bool = Field(True, description="Symmetric quantization (zero point fixed at 2^(bits-1)).")
-    desc_act: bool = Field(
-        True, description="Act-order: quantize columns by decreasing Hessian diagonal (the biggest quality lever)."
-    )
-    static_groups: bool = Field(
-        True,
-        description="Fix each group's grid before reordering, so g_idx stays k // group_size and "
-        "act-order costs nothing at inference; false forms groups in act-order (g_idx permuted).",
-    )
-    damp_percent: float = Field(
-        0.01, gt=0, lt=1, description="Damping added to the Hessian diagonal, as a fraction of its mean."
-    )
-    max_damp_percent: float = Field(
-        1.0, gt=0, le=10, description="Damping escalates (x2, logged) up to this when the Hessian is not positive definite."
-    )
-    mse: bool = Field(
-        True, description="Choose each group's range by searching shrink factors (100%..80%) for the least error."
-    )
-    block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width (columns).")
-    true_sequential: bool = Field(
-        True,
-        description="Quantize a block's linears in execution order (q/k/v, o, gate/up, down), each "
-        "calibrated on the outputs of those already quantized.",
-    )
-    skip: list[str] = Field(
-        default_factory=lambda: ["lm_head"],
-        description="Module names (glob patterns, e.g. `*.down_proj`) left unquantized.",
-    )
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("must be -1 or a positive integer")
-        return v
-
-    @model_validator(mode="after")
-    def _static_needs_act_order(self) -> "QuantizeStage":
-        if self.static_groups and self.group_size == -1:
-            raise ValueError("static_groups needs a group_size other than -1")
-        if self.max_damp_percent < self.damp_percent:
-            raise ValueError("max_damp_percent must be >= damp_percent")
-        return self
+# A stage is a mapping with one key, the kind (`- quantize: {bits: 4}`), whose options model comes
+# from the stage table (compressor.stages): the list is validated against the table as it is at
+# validation time, so a kind registered later (a plug-in, a test's toy kind) is a recipe stage too.
+_ENTRY_MODELS: dict[int, type[BaseModel]] = {}
 
 
-class QuantizeEntry(_Strict):
-    quantize: QuantizeStage = Field(default_factory=QuantizeStage)
-
-
-UNSTRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt")
-
-
-class PruneStage(_Strict):
-    method: Literal["magnitude", "wanda", "sparsegpt", "structured"] = Field(
-        ..., description="`magnitude`, `wanda`, `sparsegpt` (per-weight or N:M) or `structured` (removes channels/heads/layers)."
-    )
-    sparsity: float | None = Field(
-        None, ge=0, lt=1, description="Unstructured: fraction of each linear's weights set to zero (per output row)."
-    )
-    pattern: str | None = Field(
-        None,
-        description="Semi-structured N:M, e.g. `2:4`: every 4 consecutive inputs keep at most 2 weights "
-        "(`sparsity` may be given too, and must then equal (M-N)/M).",
-    )
-    layer_sparsity: dict[str, float] = Field(
-        default_factory=dict,
-        description="Per-layer overrides of `sparsity`: glob pattern of module names -> sparsity (first match wins).",
-    )
-    target: Literal["mlp_channels", "heads", "layers"] | None = Field(
-        None, description="Structured: what to remove."
-    )
-    ratio: float | None = Field(
-        None, gt=0, lt=1, description="Structured mlp_channels/heads: fraction to remove (uniform across layers)."
-    )
-    count: int | None = Field(None, ge=1, description="Structured layers: how many decoder layers to remove.")
-    heads_mode: Literal["query", "groups"] = Field(
-        "query",
-        description="Structured heads with GQA: `query` drops the same number of query heads inside every "
-        "key/value group; `groups` drops whole key/value groups with their query heads.",
-    )
-    block_size: int = Field(128, ge=1, description="SparseGPT: columns per mask-selection block.")
-    damp_percent: float = Field(0.01, gt=0, lt=1, description="SparseGPT: Hessian damping (fraction of the mean diagonal).")
-    joint_quantize: bool = Field(
-        False,
-        description="SparseGPT only: quantize the kept weights in the same pass with the settings of the "
-        "quantize stage that must directly follow (SparseGPT+GPTQ in one pass).",
-    )
-    skip: list[str] = Field(
-        default_factory=lambda: ["lm_head"],
-        description="Module names (glob patterns) left dense; embeddings are never pruned.",
-    )
-
-    @field_validator("pattern", mode="before")
-    @classmethod
-    def _pattern_is_text(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):
-            # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
-            raise ValueError("must be a quoted 'N:M' string, e.g. pattern: \"2:4\" (unquoted, YAML reads 2:4 as the number 124)")
-        return v
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(v))
-        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-            raise ValueError("must be 'N:M' with 0 < N < M, e.g. '2:4' or '4:8'")
-        return f"{int(m.group(1))}:{int(m.group(2))}"
-
-    @field_validator("layer_sparsity")
-    @classmethod
-    def _layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
-        for key, value in v.items():
-            if not 0 <= value < 1:
-                raise ValueError(f"sparsity for {key!r} must be in [0, 1), got {value}")
-        return v
-
-    @model_validator(mode="after")
-    def _method_fields(self) -> "PruneStage":
-        if self.method in UNSTRUCTURED_METHODS:
-            if self.sparsity is None and self.pattern is None:
-                raise ValueError(f"method {self.method} needs `sparsity` or an N:M `pattern`")
-            if self.pattern is not None and self.sparsity is not None:
-                n, m = self.nm()
-                if abs(self.sparsity - (m - n) / m) > 1e-9:
-                    raise ValueError(f"pattern {self.pattern} means sparsity {(m - n) / m:g}, not {self.sparsity:g}")
-            if self.pattern is not None and self.layer_sparsity:
-                raise ValueError("layer_sparsity applies to `sparsity`, not to an N:M `pattern`")
-            if self.target or self.ratio or self.count:
-                raise ValueError("`target`, `ratio` and `count` belong to method: structured")
-            if self.joint_quantize and self.method != "sparsegpt":
-                raise ValueError("joint_quantize needs method: sparsegpt")
-        else:
-            if self.target is None:
-                raise ValueError("method structured needs `target`: mlp_channels, heads or layers")
-            if self.target == "layers" and (self.count is None or self.ratio is not None):
-                raise ValueError("target layers needs `count` (number of layers to remove), not `ratio`")
-            if self.target != "layers" and (self.ratio is None or self.count is not None):
-                raise ValueError(f"target {self.target} needs `ratio` (fraction to remove), not `count`")
-            if self.sparsity is not None or self.pattern is not None or self.joint_quantize:
-                raise ValueError("`sparsity`, `pattern` and `joint_quantize` belong to unstructured methods")
-        return self
-
-    def nm(self) -> tuple[int, int] | None:
-        if self.pattern is None:
-            return None
-        n, m = self.pattern.split(":")
-        return int(n), int(m)
-
-
-class PruneEntry(_Strict):
-    prune: PruneStage
-
-
-class DistillStage(_Strict):
-    teacher: str = Field(
-        "input",
-        description="`input` (the model as it entered the pipeline, before any stage) or any model source.",
-    )
-    student: str = Field(
-        "current",
-        description="`current` (the model as the previous stages left it), or any model source "
-        "(a smaller model), or `keep_layers` (the teacher with only `keep_layers` kept).",
-    )
-    keep_layers: list[int] | None = Field(None, description="With student: keep_layers, the teacher layers to keep.")
-    loss: Literal["forward_kl", "reverse_kl"] = Field(
-        "forward_kl", description="Logit distillation loss (Minitron: forward KL on logits works best)."
-    )
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models; the KL is scaled by T^2.")
-    lm_weight: float = Field(
-        0.0, ge=0, le=1, description="Mix with the ordinary next-token loss: (1-w) * KD + w * LM (1 = plain fine-tuning)."
-    )
-    hidden_loss: Literal["none", "mse", "cosine"] = Field("none", description="Optional hidden-state loss.")
-    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state loss.")
-    layer_map: dict[int, int] = Field(
-        default_factory=dict, description="Hidden-state loss pairs: student layer -> teacher layer (outputs of those blocks)."
-    )
-    steps: int = Field(300, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
-    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then cosine decay.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(0, ge=0, description="Seed for data order and anything random.")
-    eval_every: int = Field(50, ge=0, description="Perplexity on the evaluation data every N steps (0: only at the end).")
-    eval_windows: int | None = Field(2, ge=1, description="Windows used by the periodic evaluations (None: all).")
-    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: never); `compress run --resume` continues.")
-    checkpoint_dir: str | None = Field(None, description="Where checkpoints go (default: `<output>.distill-ckpt`).")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "DistillStage":
-        if self.student == "keep_layers" and not self.keep_layers:
-            raise ValueError("student: keep_layers needs a non-empty `keep_layers` list")
-        if self.keep_layers and self.student != "keep_layers":
-            raise ValueError("`keep_layers` needs student: keep_layers")
-        if self.hidden_loss != "none" and (not self.layer_map or self.hidden_weight <= 0):
-            raise ValueError("a hidden_loss needs a `layer_map` and a positive `hidden_weight`")
-        return self
-
-
-class DistillEntry(_Strict):
-    distill: DistillStage = Field(default_factory=DistillStage)
-
-
-STAGE_KINDS = ("quantize", "prune", "distill")
+def entry_model(kind: StageKind) -> type[BaseModel]:
+    """The model of `{kind.name: options}`, made once per registered kind."""
+    model = _ENTRY_MODELS.get(id(kind))
+    if model is None or next(iter(model.model_fields)) != kind.name:
+        model = create_model(f"{kind.name.title()}Entry", __base__=_Strict, **{kind.name: (kind.options, ...)})
+        _ENTRY_MODELS[id(kind)] = model
+    return model
 
 
 def _stage_kind(value: Any) -> str | None:
     if isinstance(value, dict) and len(value) == 1:
         key = next(iter(value))
-        return key if key in STAGE_KINDS else None
+        return key if key in stage_kinds() else None
     if isinstance(value, BaseModel):
         return next(iter(type(value).model_fields))
     return None
 
 
-Stage = Annotated[
-    Union[
-        Annotated[QuantizeEntry, Tag("quantize")],
-        Annotated[PruneEntry, Tag("prune")],
-        Annotated[DistillEntry, Tag("distill")],
-    ],
-    Discriminator(
-        _stage_kind,
-        custom_error_type="stage",
-        custom_error_message="each stage is a mapping with exactly one key, one of: " + ", ".join(STAGE_KINDS),
-    ),
-]
+def _validate_stage(value: Any) -> BaseModel:
+    name = _stage_kind(value)
+    kinds = stage_kinds()
+    if name not in kinds:
+        raise PydanticCustomError("stage", "each stage is a mapping with exactly one key, one of: " + ", ".join(kinds))
+    model = entry_model(kinds[name])
+    return value if isinstance(value, model) else model.model_validate(value if isinstance(value, dict) else value.model_dump())
+
+
+Stage = Annotated[Any, PlainValidator(_validate_stage)]
+
+
+def default_stages() -> list[BaseModel]:
+    """One quantize stage with its defaults."""
+    quantize = stage_kind("quantize")
+    return [entry_model(quantize)(quantize=quantize.options())]
 
 
 # ----------------------------------------------------------------------------- evaluate/export
@@ -410,7 +169,7 @@ class ComputeSection(_Strict):
 class Recipe(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec, description="A string is shorthand for `{source: ...}`.")
     data: DataSection = Field(default_factory=DataSection)
-    stages: list[Stage] = Field(default_factory=lambda: [QuantizeEntry()])
+    stages: list[Stage] = Field(default_factory=default_stages)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     export: ExportSection = Field(default_factory=ExportSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
@@ -456,7 +215,7 @@ def format_loc(loc: tuple) -> str:
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the last key of `loc` (to list the keys allowed there)."""
-    stage_models = {"quantize": QuantizeStage, "prune": PruneStage, "distill": DistillStage}
+    stage_models = {name: kind.options for name, kind in stage_kinds().items()}
     keys = [k for k in loc[:-1] if not isinstance(k, int)]
     model: type[BaseModel] | None = Recipe
     while keys and model is not None:
@@ -504,15 +263,26 @@ def split_key_path(path: str) -> list[str | int]:
     return keys
 
 
+def parse_value(text: str, where: str) -> Any:
+    """A value given on the command line (--set, sweep --values): YAML, except that an N:M
+    pattern stays text (YAML 1.1 reads 2:4 as the base-60 integer 124)."""
+    if re.fullmatch(r"\s*\d+:\d+\s*", text):
+        return text.strip()
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: {text!r} is not a valid YAML value: {getattr(exc, 'problem', exc)}") from None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `key.path=value` to the raw recipe mapping; the value is parsed as YAML."""
     if "=" not in assignment:
         raise UserError(f"--set {assignment}: expected KEY.PATH=VALUE")
     path, text = assignment.split("=", 1)
     keys = split_key_path(path.strip())
-    value = yaml.safe_load(text) if text.strip() else ""
-    if re.fullmatch(r"\s*\d+:\d+\s*", text):
-        value = text.strip()  # an N:M pattern, not YAML 1.1's base-60 integer
+    value = parse_value(text, f"--set {path}")
     # Missing keys are filled from the defaults, so `--set stages[0].quantize.bits=3` works on a
     # recipe that never wrote `stages`.
     node: Any = raw
@@ -568,24 +338,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         raise  # unreachable
 
 
-def check_against_model(recipe: Recipe, layer_in_features: dict[str, int], file: str = "") -> None:
-    """Checks that need the model: every group size divides every quantized input width."""
-    widths = sorted(set(layer_in_features.values()))
-    for i, (kind, stage) in enumerate(recipe.stage_list()):
-        if kind != "quantize" or stage.group_size == -1:
-            continue
-        bad = [w for w in widths if w % stage.group_size]
-        if bad:
-            common = sorted({d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths) and d >= 16})
-            raise RecipeError(
-                file,
-                f"stages[{i}].quantize.group_size",
-                stage.group_size,
-                f"must be -1 or divide every quantized layer's input width {widths} "
-                f"(e.g. {', '.join(map(str, common[-4:]))})",
-            )
-
-
 def schema_markdown() -> str:
     """The option table for README, generated from the models above."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -600,9 +352,8 @@ def schema_markdown() -> str:
                 walk(sub, key + ".")
                 continue
             if name == "stages":
-                walk(QuantizeStage, "stages[i].quantize.")
-                walk(PruneStage, "stages[i].prune.")
-                walk(DistillStage, "stages[i].distill.")
+                for kind in stage_kinds().values():
+                    walk(kind.options, f"stages[i].{kind.name}.")
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             tname = str(ann).replace("typing.", "").replace(" | ", " or ").replace("|", " or ")

@@ -1,10 +1,104 @@
-"""The artifact's report: report.json (everything), report.md (for people), a per-layer plot."""
+"""The run report: its types, and the artifact's report.json (everything), report.md (for
+people) and per-layer plot.
+
+`RunReport` is what `compress run` measured; it is written here (`write_report`) and read back
+here (`read_report`), so the file's keys are spelled in one place. Stage-specific details (a
+distill stage's curves, structured pruning's removed channels, per-layer errors) stay mappings:
+their shape belongs to the stage that wrote them.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Report(BaseModel):
+    # A report.json from a newer version may carry keys this one does not know: keep them.
+    model_config = ConfigDict(extra="allow")
+
+
+class StageReport(_Report):
+    """One stage's entry in `stages` (kind, options and measurement are filled in by the pipeline)."""
+
+    kind: str = ""
+    options: dict[str, Any] = {}
+    fused_into: str | None = None  # ran inside that stage's pass (e.g. prune with joint_quantize)
+    measurement: dict[str, Any] = {}  # seconds, peak RSS/CUDA (compressor.monitor)
+    layers: dict[str, dict[str, Any]] = {}  # module name -> relative_error, sparsity, damp_percent, ...
+    sparsity: dict[str, Any] | None = None  # unstructured/N:M prune: the summary
+    structured: dict[str, Any] | None = None  # structured prune: what was removed and why
+    distill: dict[str, Any] | None = None  # distill: curves, final perplexity, resume point
+    seconds_per_block: list[float] | None = None  # blockwise runs
+
+
+class ModelFacts(_Report):
+    source: str
+    model_type: str
+    parameters: int
+
+
+class PerplexityReport(_Report):
+    source: str | None = None  # the evaluation data
+    dense: dict[str, Any] | None = None  # evaluation.perplexity.PerplexityResult.to_dict()
+    compressed: dict[str, Any] | None = None
+    increase: float | None = None  # compressed / dense - 1
+
+
+class SizeReport(_Report):
+    artifact_weights_bytes: int  # the GPTQ (or dense) safetensors, also for converted formats
+    ideal_bytes: int  # codes + scales + zeros + g_idx + fp16 rest
+    dense_fp16_bytes: int
+    artifact_over_ideal: float
+    artifact_over_dense_fp16: float
+    onnx_bytes: int | None = None
+    onnx_over_gptq: float | None = None
+    gguf_bytes: int | None = None
+    gguf_over_gptq: float | None = None
+    compressed_tensors_bytes: int | None = None
+
+
+class RunReport(_Report):
+    model: ModelFacts
+    environment: dict[str, Any]  # device, dtype, threads, versions (and load: blockwise)
+    recipe: dict[str, Any]  # the resolved recipe
+    calibration: dict[str, Any]
+    perplexity: PerplexityReport
+    stages: list[StageReport]
+    sparsity: dict[str, Any] | None = None
+    quantization_config: dict[str, Any] | None = None
+    timings: dict[str, dict[str, Any]] = {}
+    size: SizeReport | None = None
+    total_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json's content (optional keys a run did not produce are left out)."""
+        out = self.model_dump(mode="json")
+        out["stages"] = [stage.model_dump(mode="json", exclude_none=True) for stage in self.stages]
+        if self.size is not None:
+            out["size"] = self.size.model_dump(mode="json", exclude_none=True)
+        else:
+            del out["size"]
+        if self.perplexity.increase is None:
+            del out["perplexity"]["increase"]
+        if self.total_seconds is None:
+            del out["total_seconds"]
+        return out
+
+
+REPORT_FILE = "report.json"
+
+
+def read_report(artifact_dir: Path) -> RunReport | None:
+    """The artifact's report.json, or None when it has none (or one this version cannot read)."""
+    path = Path(artifact_dir) / REPORT_FILE
+    try:
+        return RunReport.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def _pct(a: float | None, b: float | None) -> str:
@@ -15,9 +109,10 @@ def _mb(n: int | None) -> str:
     return f"{n / 1e6:.1f} MB" if n else "n/a"
 
 
-def write_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
+def write_report(out_dir: Path, run_report: RunReport) -> list[Path]:
     out_dir = Path(out_dir)
-    paths = [out_dir / "report.json"]
+    report = run_report.to_dict()
+    paths = [out_dir / REPORT_FILE]
     paths[0].write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     layers = {}
     for i, stage in enumerate(report.get("stages", [])):
@@ -107,14 +202,19 @@ def render_markdown(r: dict[str, Any], has_plot: bool = True) -> str:
             "Relative output error on the calibration inputs, ||WX - W_hat X||^2 / ||WX||^2 "
             f"(mean {sum(v['relative_error'] for v in layers.values()) / len(layers):.2e}). Worst five:",
             "",
-            "| layer | relative error | damp |",
-            "|---|---|---|",
         ]
-        if st["kind"] == "prune":
-            lines[-2:] = ["| layer | relative error | sparsity |", "|---|---|---|"]
+        # The third column is what the stage recorded per layer besides the error: a prune stage's
+        # sparsity, a quantize stage's damping (after any escalation).
+        extra = next((key for key in ("sparsity", "damp_percent") if all(key in v for v in layers.values())), None)
+        if extra == "sparsity":
+            lines += ["| layer | relative error | sparsity |", "|---|---|---|"]
             lines += [f"| `{n}` | {v['relative_error']:.3e} | {v['sparsity']:.3f} |" for n, v in errs[:5]]
-        else:
+        elif extra == "damp_percent":
+            lines += ["| layer | relative error | damp |", "|---|---|---|"]
             lines += [f"| `{n}` | {v['relative_error']:.3e} | {v['damp_percent']:g} |" for n, v in errs[:5]]
+        else:
+            lines += ["| layer | relative error |", "|---|---|"]
+            lines += [f"| `{n}` | {v['relative_error']:.3e} |" for n, v in errs[:5]]
     if has_plot:
         lines += ["", "![per-layer error](layer_errors.png)"]
     lines += ["", "The full numbers, including every layer, are in `report.json`.", ""]

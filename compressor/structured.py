@@ -68,7 +68,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.architectures import Architecture, architecture_of
-from compressor.engine import is_skipped
+from compressor.engine import auto_batch_size, is_skipped
 from compressor.errors import UserError
 
 # Config lists with one entry per decoder layer (filtered when layers are removed).
@@ -125,14 +125,18 @@ def prune_structured_(
     options,
     calibration_ids: torch.Tensor,
     key: str = "stages[i].prune",
-    batch_size: int = 8,
+    batch_size: int = 0,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    max_activation_gb: float = 6.0,
 ) -> dict[str, Any]:
     """Remove MLP channels, attention heads or decoder layers of `model` in place (see module doc).
 
     `options` is a `PruneStage` with method "structured"; `calibration_ids` is [samples, seq_len].
-    Returns a JSON-ready report: target, score, what was removed, the new config values,
-    parameter counts before/after and an importance summary.
+    The importance pass runs on `device` (default: where the model is; the model is moved back
+    afterwards) with `batch_size` samples per forward (0: as many as `max_activation_gb` allows,
+    as the layer-wise engine chooses). Returns a JSON-ready report: target, score, what was
+    removed, the new config values, parameter counts before/after and an importance summary.
     """
     if options.method != "structured" or options.target not in ("mlp_channels", "heads", "layers"):
         raise UserError(
@@ -144,12 +148,14 @@ def prune_structured_(
     layout = _Layout.of(model, arch)
     before = parameter_count(model)
     start = time.perf_counter()
-    if options.target == "mlp_channels":
-        report = _prune_mlp(model, arch, layout, options, calibration_ids, key, batch_size, progress)
-    elif options.target == "heads":
-        report = _prune_heads(model, arch, layout, options, calibration_ids, key, batch_size, progress)
-    else:
-        report = _prune_layers(model, arch, layout, options, calibration_ids, key, batch_size, progress)
+    batch_size = batch_size or auto_batch_size(model, *calibration_ids.shape, max_activation_gb)
+    home = next(model.parameters()).device
+    model.to(device if device is not None else home)
+    try:
+        prune = {"mlp_channels": _prune_mlp, "heads": _prune_heads, "layers": _prune_layers}[options.target]
+        report = prune(model, arch, layout, options, calibration_ids, key, batch_size, progress)
+    finally:
+        model.to(home)
     after = parameter_count(model)
     return {
         "target": options.target,

@@ -45,16 +45,16 @@ def sweep(
             recipe = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"dense": False})})
         log.info("sweep %s=%s", key, value)
         result = run(recipe, str(recipe_file), overwrite=True, progress=progress)
-        ppl = result.report["perplexity"]
-        dense = dense or ppl.get("dense")
-        sparsity = result.report.get("sparsity") or {}
+        report = result.report
+        dense = dense or report.perplexity.dense
+        sparsity = report.sparsity or {}
         points.append({
             "value": value,
             "output": str(result.output),
-            "perplexity": ppl["compressed"]["perplexity"] if ppl.get("compressed") else None,
-            "artifact_mb": result.report["size"]["artifact_weights_bytes"] / 1e6,
+            "perplexity": report.perplexity.compressed["perplexity"] if report.perplexity.compressed else None,
+            "artifact_mb": report.size.artifact_weights_bytes / 1e6,
             "sparsity": sparsity.get("sparsity_of_block_linears"),
-            "stage_seconds": [s["measurement"]["seconds"] for s in result.report["stages"]],
+            "stage_seconds": [s.measurement["seconds"] for s in report.stages],
         })  # fmt: skip
     summary = {"recipe": str(recipe_file), "key": key, "overrides": list(overrides), "dense": dense, "points": points}
     write_json(out / "sweep.json", summary)

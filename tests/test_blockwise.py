@@ -63,17 +63,17 @@ def test_blockwise_artifact_and_perplexity_equal_the_whole_model_path(source_dir
     extra = ["export.format=dense"] if stages == "wanda-2:4" else []
     whole = run(_recipe(source_dir, tmp_path / "whole", STAGES[stages], "compute.load=whole", *extra), progress=False)
     lazy = run(_recipe(source_dir, tmp_path / "lazy", STAGES[stages], "compute.load=blockwise", *extra), progress=False)
-    assert lazy.model is None and lazy.report["environment"]["load"] == "blockwise"
+    assert lazy.model is None and lazy.report.environment["load"] == "blockwise"
     files = _files(whole.output)
     assert len([n for n in files if n.endswith(".safetensors")]) > 1  # sharded
     assert files == _files(lazy.output)
     for key in ("dense", "compressed"):
-        assert lazy.report["perplexity"][key] == whole.report["perplexity"][key]
+        assert getattr(lazy.report.perplexity, key) == getattr(whole.report.perplexity, key)
     for key in ("artifact_weights_bytes", "ideal_bytes", "dense_fp16_bytes"):
-        assert lazy.report["size"][key] == whole.report["size"][key], key
-    assert lazy.report["sparsity"] == whole.report["sparsity"]
-    assert lazy.report["stages"][0]["layers"].keys() == whole.report["stages"][0]["layers"].keys()
-    assert len(lazy.report["stages"][0]["seconds_per_block"]) == 3
+        assert getattr(lazy.report.size, key) == getattr(whole.report.size, key), key
+    assert lazy.report.sparsity == whole.report.sparsity
+    assert lazy.report.stages[0].layers.keys() == whole.report.stages[0].layers.keys()
+    assert len(lazy.report.stages[0].seconds_per_block) == 3
     manifest = json.loads((lazy.output / "manifest.json").read_text())
     assert set(manifest["files"]) >= {n for n in files if n.endswith(".safetensors")}
 

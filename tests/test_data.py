@@ -11,7 +11,7 @@ import torch
 from compressor import data
 from compressor.data import calibration_batch, evaluation_tokens, load_documents
 from compressor.errors import UserError
-from compressor.recipe import CalibrationData, EvaluationData, TextSource
+from compressor.data import CalibrationData, EvaluationData, TextSource
 
 
 def test_python_docs_split_is_disjoint_deterministic_and_complete():

@@ -33,7 +33,8 @@ from compressor.distill import (
     training_batch,
 )
 from compressor.errors import RecipeError, UserError
-from compressor.recipe import DistillStage, load_recipe
+from compressor.distill import DistillStage
+from compressor.recipe import load_recipe
 from conftest import make_tiny_llama
 
 LN2, LN3 = math.log(2), math.log(3)
@@ -312,7 +313,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from conftest import make_tiny_llama
 from compressor.distill import distill_, student_from_teacher_layers
-from compressor.recipe import DistillStage
+from compressor.distill import DistillStage
 
 torch.set_num_threads(int(os.environ["DISTILL_TEST_THREADS"]))
 d = {tmp!r}

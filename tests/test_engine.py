@@ -19,7 +19,7 @@ from compressor.architectures import LLAMA_LIKE
 from compressor.engine import EngineOptions, auto_batch_size
 from compressor.errors import UserError
 from compressor.quantize import quantize_
-from compressor.recipe import QuantizeStage
+from compressor.quantize import QuantizeStage
 from conftest import make_tiny_llama
 
 VOCAB = 49152

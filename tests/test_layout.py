@@ -113,6 +113,10 @@ def test_packages_import_only_their_layers():
     assert not wrong, f"imports across layers (see ARCHITECTURE.md): {wrong}"
     upward = {a: sorted(bs & ORCHESTRATION) for a, bs in edges.items() if a not in ORCHESTRATION and bs & ORCHESTRATION}
     assert not upward, f"only the orchestration modules import pipeline/blockwise/cli/sweep: {upward}"
+    # The recipe composes the stage table (compressor.stages) and the sections' options models:
+    # only the orchestration imports it, so no algorithm, stage or loader depends on the schema.
+    schema_users = sorted(a for a, bs in edges.items() if "recipe" in bs and a not in ORCHESTRATION)
+    assert not schema_users, f"only the orchestration modules import compressor.recipe: {schema_users}"
 
 
 def test_no_import_cycles_between_packages():

@@ -31,7 +31,7 @@ def _recipe(tiny_llama_dir, out, stages=STAGES):
 
 def test_prune_then_distill_then_export(tiny_llama_dir, tmp_path):
     result = run(_recipe(tiny_llama_dir, tmp_path / "a"), progress=False)
-    d = result.report["stages"][1]["distill"]
+    d = result.report.stages[1].distill
     assert d["steps"] == 6 and d["tokens_seen"] == 6 * 2 * 32
     assert [s for s, _ in d["eval_history"]] == [0, 3, 6]
     assert (tmp_path / "a" / "distill_stage1.png").stat().st_size > 5_000
@@ -65,7 +65,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(tiny_llama_di
     monkeypatch.setattr(compressor.distill, "training_batch", real)
 
     resumed = run(_recipe(tiny_llama_dir, tmp_path / "b"), progress=False, resume=True)
-    assert resumed.report["stages"][1]["distill"]["resumed_from"] == 4
+    assert resumed.report.stages[1].distill["resumed_from"] == 4
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
 

@@ -69,7 +69,7 @@ def test_pruned_zeros_survive_gptq_and_packing(tiny_llama_dir, tmp_path):
     r = _recipe(tiny_llama_dir, tmp_path, "[{prune: {method: sparsegpt, sparsity: 0.5}}, {quantize: {group_size: 32}}]")
     result = run(r, progress=False)
     rep = result.report
-    prune_layers = rep["stages"][0]["layers"]
+    prune_layers = rep.stages[0].layers
     assert len(prune_layers) == 14 and all(abs(v["sparsity"] - 0.5) < 1e-9 for v in prune_layers.values())
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         packed = _packed(result.output, name)
@@ -86,7 +86,7 @@ def test_pruned_zeros_survive_gptq_and_packing(tiny_llama_dir, tmp_path):
 def test_joint_sparsegpt_gptq_keeps_2_4_in_the_artifact(tiny_llama_dir, tmp_path):
     r = _recipe(tiny_llama_dir, tmp_path, '[{prune: {method: sparsegpt, pattern: "2:4", joint_quantize: true}}, {quantize: {group_size: 32}}]')
     result = run(r, progress=False)
-    assert result.report["stages"][1]["fused_into"] == "stages[0]"
+    assert result.report.stages[1].fused_into == "stages[0]"
     assert "| in stages[0] | in stages[0] |" in (result.output / "report.md").read_text()  # not counted twice
     qc = json.loads((result.output / "config.json").read_text())["quantization_config"]
     assert qc["static_groups"] is True and qc["desc_act"] is False
@@ -110,7 +110,7 @@ def test_dense_export_loads_with_plain_transformers(tiny_llama_dir, tmp_path):
         "export.format=dense",
     )  # fmt: skip
     result = run(r, progress=False)
-    layers = result.report["stages"][0]["layers"]
+    layers = result.report.stages[0].layers
     assert layers["model.layers.0.mlp.down_proj"]["sparsity"] == 0.25
     assert layers["model.layers.0.mlp.up_proj"]["sparsity"] == 0.5
     cfg = json.loads((result.output / "config.json").read_text())

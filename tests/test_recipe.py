@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import RecipeError, UserError
-from compressor.recipe import (
-    STAGE_KINDS,
-    QuantizeStage,
-    Recipe,
-    check_against_model,
-    load_recipe,
-    schema_markdown,
-    split_key_path,
-)
+from compressor.quantize import QuantizeStage
+from compressor.recipe import Recipe, load_recipe, schema_markdown, split_key_path
+from compressor.stages import stage_kinds
+from compressor.stages.quantize import check_group_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -179,14 +174,14 @@ def test_bad_stage(tmp_path, stage, value):
     assert exc.path == "stages[1]" and exc.value == value
     assert f"stages[1]: {value!r} is not allowed: " in msg
     assert "each stage is a mapping with exactly one key, one of: " in msg
-    for kind in STAGE_KINDS:
+    for kind in stage_kinds():
         assert kind in msg.split("one of: ")[1]
 
 
 def test_group_size_must_divide_the_layer_widths():
     r = load_recipe(None, ["stages[0].quantize.group_size=128"])
     with pytest.raises(RecipeError) as info:
-        check_against_model(r, {"a.q_proj": 576, "a.down_proj": 1536, "b.q_proj": 576}, "my.yaml")
+        check_group_size(r.stage_list()[0][1], 0, {"a.q_proj": 576, "a.down_proj": 1536, "b.q_proj": 576}, "my.yaml")
     exc, msg = info.value, str(info.value)
     assert exc.path == "stages[0].quantize.group_size" and exc.value == 128
     assert msg.startswith("my.yaml: stages[0].quantize.group_size: 128 is not allowed: ")
@@ -195,8 +190,8 @@ def test_group_size_must_divide_the_layer_widths():
     assert "\n" not in msg
     # the ones that divide pass
     for ok in (64, 192, -1):
-        check_against_model(load_recipe(None, [f"stages[0].quantize.group_size={ok}", "stages[0].quantize.static_groups=false"]),
-                            {"a": 576, "b": 1536})  # fmt: skip
+        r = load_recipe(None, [f"stages[0].quantize.group_size={ok}", "stages[0].quantize.static_groups=false"])
+        check_group_size(r.stage_list()[0][1], 0, {"a": 576, "b": 1536})
 
 
 def test_missing_recipe_file(tmp_path):

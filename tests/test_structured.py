@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compressor.errors import UserError
-from compressor.recipe import PruneStage
+from compressor.prune import PruneStage
 from compressor.structured import prune_structured_
 from conftest import make_tiny_llama
 
@@ -288,3 +288,19 @@ def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64))
     with pytest.raises(UserError, match="not supported"):
         prune(model, target="layers", count=1)
+
+
+@pytest.mark.parametrize("batch_size, forwards", [(1, 4), (3, 2), (0, 1)], ids=["batch1", "batch3", "auto"])
+def test_the_prune_stage_passes_the_engines_batch_size_and_device(batch_size, forwards):
+    """Structured pruning runs its importance pass with the engine's batch size (0: as many
+    samples as max_activation_gb allows) on the engine's device, and leaves the model where it was."""
+    from compressor.engine import EngineOptions
+    from compressor.prune import prune_
+
+    model = tiny()
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append((args[0].shape[0], args[0].device)))
+    engine = EngineOptions(device=torch.device("cpu"), batch_size=batch_size, progress=False)
+    prune_(model, PruneStage(method="structured", target="mlp_channels", ratio=0.25), IDS, engine, key=KEY)
+    assert len(seen) == forwards and sum(n for n, _ in seen) == IDS.shape[0]
+    assert all(device == engine.device for _, device in seen) and next(model.parameters()).device.type == "cpu"

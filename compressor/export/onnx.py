@@ -93,6 +93,13 @@ def _block_size(g_idx: np.ndarray) -> int | None:
     return None
 
 
+def check_bits(bits: int, where: str = "") -> None:
+    """The one bit-width rule of the ONNX export (recipe check, artifact conversion, each linear)."""
+    if bits not in MATMUL_NBITS_BITS:
+        raise UserError(f"{where}{bits}-bit weights cannot be exported to ONNX: MatMulNBits runs bits "
+                        f"{', '.join(map(str, MATMUL_NBITS_BITS))}")  # fmt: skip
+
+
 def gptq_to_nbits(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
                   bits: int, name: str = "") -> NBitsWeight:  # fmt: skip
     """Re-express one GPTQ v1 linear exactly as MatMulNBits inputs (no re-quantization).
@@ -103,9 +110,7 @@ def gptq_to_nbits(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     Groups wider than the block just repeat their scale and zero over several blocks.
     """
     where = f"{name}: " if name else ""
-    if bits not in MATMUL_NBITS_BITS:
-        raise UserError(f"{where}{bits}-bit weights cannot be exported to ONNX: MatMulNBits runs bits "
-                        f"{', '.join(map(str, MATMUL_NBITS_BITS))}")  # fmt: skip
+    check_bits(bits, where)
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     groups = scales.shape[0]
     if g_idx is None:
@@ -428,9 +433,7 @@ def write_onnx_artifact(artifact: Path, out_dir: Path, accuracy_level: int = 0, 
     if accuracy_level not in (0, 4):
         raise UserError(f"accuracy_level: {accuracy_level} is not allowed: 0 (float32 compute) or 4 (int8 activations)")
     qconfig = gptq_config(artifact)
-    if qconfig["bits"] not in MATMUL_NBITS_BITS:  # before reading any weights
-        raise UserError(f"{artifact}: {qconfig['bits']}-bit weights cannot be exported to ONNX: MatMulNBits runs bits "
-                        f"{', '.join(map(str, MATMUL_NBITS_BITS))}")  # fmt: skip
+    check_bits(qconfig["bits"], f"{artifact}: ")  # before reading any weights
     config = AutoConfig.from_pretrained(artifact)
     decoder_shape(config, f"{artifact}: ")
     tensors = read_gptq_tensors(artifact, qconfig)
