@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from compressor.artifacts.directory import MANIFEST_NAME, check_manifest
 from compressor.errors import UserError
 from compressor.hub_ids import is_repo_id
 
@@ -180,4 +181,8 @@ def load_any(model_or_artifact: str, device: str = "auto", key: str = "MODEL", d
         torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
         return runtime.load(path, device=str(dev), dtype=torch_dtype, cache_dequantized=cache_dequantized), runtime.load_tokenizer(path)
     source = resolve_source(model_or_artifact, key=key)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        # A dense or compressed-tensors artifact: verified like the others (a plain model
+        # directory has no manifest and is a model, not an artifact: no warning).
+        check_manifest(path)
     return load_model(source, resolve_dtype(dtype, dev)).to(dev), load_tokenizer(source)

@@ -221,6 +221,7 @@ def test_atomic_output_dir(tmp_path):
     target = tmp_path / "artifact"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    write_manifest(target)  # an artifact: --overwrite may replace it (tests/test_artifact_safety.py: what it may not)
 
     with pytest.raises(UserError, match="already exists"):
         check_output_dir(target, overwrite=False)
@@ -234,7 +235,7 @@ def test_atomic_output_dir(tmp_path):
             (tmp / "new.txt").write_text("half written")
             raise RuntimeError("export failed")
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # no temp dir left
-    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "old.txt"]
 
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")

@@ -73,21 +73,28 @@ def gptq_config(path) -> dict:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files: the shards an index names, else every safetensors (or .bin) file."""
+    """The checkpoint's weight files: the shards an index names, else every safetensors (or .bin)
+    file. Every one is checked to lie inside `path` (no '..', no absolute name, no symbolic link out)."""
+    from compressor.artifacts.directory import member_path
+
+    path = Path(path)
     indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
     if indexes:
-        weight_map = read_json(indexes[0]).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ArtifactError(f"{indexes[0]}: no weight_map")
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        index = member_path(path, indexes[0].name, str(path))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ArtifactError(f"{index}: no weight_map")
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise ArtifactError(f"{index}: weight_map values must be file names")
+        files = [member_path(path, name, f"{index}: weight_map") for name in sorted(set(weight_map.values()))]
         for file in files:
             if not file.is_file():
-                raise ArtifactError(f"{file}: shard named in {indexes[0].name} is missing")
+                raise ArtifactError(f"{file}: shard named in {index.name} is missing")
         return files
     files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.glob("*.bin") if p.name != "training_args.bin")
     if not files:
         raise ArtifactError(f"{path}: no weight files (*.safetensors or *.bin)")
-    return files
+    return [member_path(path, file.name, str(path)) for file in files]
 
 
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:

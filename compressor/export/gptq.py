@@ -250,7 +250,10 @@ def via_gptq_checkpoint(write_gptq, out_dir: Path, convert, tag: str) -> dict:
     report compares against (converters that record it in their own config get it too)."""
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix=f".gptq-for-{tag}-", dir=Path(out_dir).parent) as tmp:
+    # Named after `out_dir` (`.NAME.tmp-PID-HEX.gptq-for-...` beside an atomic output directory), so
+    # that a killed run's copy is removed with its temporary directory by the next run to that output.
+    prefix = f".{Path(out_dir).name.lstrip('.')}.gptq-for-{tag}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=Path(out_dir).parent) as tmp:
         write_gptq(Path(tmp))
         weights = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
         return {**convert(Path(tmp), weights), "gptq_weights_bytes": weights}

@@ -20,6 +20,7 @@ the open shard (2 GB by default) would otherwise be the largest thing in memory.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import weakref
 from dataclasses import dataclass
@@ -261,7 +262,11 @@ class ShardWriter:
             raise FileExistsError(f"{path} exists")
         self._shard_names.append(list(tensors))
         self._written.insert(len(self._shard_names) - 1, path)
+        with open(path, "xb"):  # the mode a new file gets here (the umask's), which save_file's
+            pass  # temporary-and-rename would turn into 0600
+        mode = path.stat().st_mode & 0o777
         save_file(tensors, path, metadata=self.metadata)
+        os.chmod(path, mode)
 
 
 def _copy_bytes(source, out, nbytes: int, chunk: int = 64 << 20) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from compressor.errors import ArtifactError
 from compressor.artifacts.checkpoint import gptq_config, is_gptq_artifact, plain_config, read_gptq_tensors, weight_files
-from compressor.artifacts.directory import verify_manifest
+from compressor.artifacts.directory import verify_for_loading
 from compressor.lazy import parameters_on_meta
 from compressor.packing import dequantize_gptq_v1
 from compressor.runtime.quant_linear import QuantLinear, register_kernel
@@ -268,8 +268,9 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     The packed weights stay packed and the kernels (CUDA; AVX2 CPUs) multiply with them. Float
     tensors are cast to `dtype` (default: `default_dtype(device)`), except that a float32 model on
     a CPU keeps the artifact's float16 embeddings/lm_head as they are (half_weights.py).
-    `cache_dequantized=True` opts in to a float model instead (QuantLinear). With `verify`, a
-    manifest.json present is checked first. Logs the bytes held and the process's RSS growth.
+    `cache_dequantized=True` opts in to a float model instead (QuantLinear). With `verify`, the
+    manifest is checked first (every file hashed, nothing unlisted, no path out of the directory;
+    without a manifest a "not verified" warning is logged). Logs the bytes held and the RSS growth.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -279,7 +280,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, verify: bool = Tr
     if not (path / "config.json").is_file():
         raise ArtifactError(f"{path}: no config.json; expected a GPTQ checkpoint directory")
     if verify:
-        verify_manifest(path)
+        verify_for_loading(path)
     qconfig = gptq_config(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import ArtifactError, UserError
-from compressor.artifacts.directory import verify_manifest
+from compressor.artifacts.directory import member_path, verify_for_loading
 from compressor.artifacts.formats import ONNX_CONFIG, ONNX_FILE
 from compressor.artifacts.formats import require_onnx
 
@@ -65,7 +65,9 @@ class OnnxCausalLM:
         if not is_onnx_artifact(path):
             raise ArtifactError(f"{path}: not an ONNX artifact (expected {ONNX_FILE} and {ONNX_CONFIG})")
         if verify:
-            verify_manifest(path)
+            verify_for_loading(path)  # a "not verified" warning without a manifest
+        for name in (ONNX_FILE, f"{ONNX_FILE}.data"):  # no symbolic link out of the artifact (onnxruntime
+            member_path(path, name, str(path))  # refuses '..' and absolute external data locations itself)
         try:
             self.onnx_config = json.loads((path / ONNX_CONFIG).read_text())
             self.config = json.loads((path / "config.json").read_text())
@@ -164,5 +166,6 @@ class OnnxCausalLM:
 
 
 def load(path, device: str = "cpu", threads: int | None = None, verify: bool = True) -> OnnxCausalLM:
-    """An `OnnxCausalLM` for the ONNX artifact at `path` (the manifest checked first when present)."""
+    """An `OnnxCausalLM` for the ONNX artifact at `path` (the manifest checked first; without one,
+    a "not verified" warning)."""
     return OnnxCausalLM(path, device, threads, verify)
