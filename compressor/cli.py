@@ -6,9 +6,11 @@ one line on stderr; `compress --debug ...` shows the traceback as well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -40,13 +42,14 @@ class _Group(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except UserError as exc:
-            if debug:
-                raise
+            if debug:  # the traceback as well, and still the documented exit code
+                traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - the documented exit 1
             if debug:
-                raise
+                traceback.print_exc()
+                sys.exit(1)
             click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with `compress --debug ...` for the traceback)", err=True)
             sys.exit(1)
 
@@ -232,109 +235,41 @@ def generate(model_or_artifact, prompt, max_new_tokens, chat, temperature, seed,
     The completion runs through `compress serve`'s engine, so greedy outputs are the server's.
     """
     from compressor.models import load_any
-    from compressor.serve import complete
+    from compressor.serve import complete_text
 
     model, tokenizer = load_any(model_or_artifact, device, dtype=dtype, cache_dequantized=cache_dequantized)
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"{model_or_artifact}: the tokenizer has no chat template; drop --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt
-    ids = tokenizer(text, add_special_tokens=not chat).input_ids
-    completion = tokenizer.decode(complete(model, tokenizer, ids, max_new_tokens, temperature, seed), skip_special_tokens=True)
+    with _engine_options_as_flags():
+        completion = complete_text(model, tokenizer, prompt, max_new_tokens, chat, temperature, seed, where=model_or_artifact)
     click.echo(completion if chat else prompt + completion)
+
+
+@contextlib.contextmanager
+def _engine_options_as_flags():
+    """The serving engine names its options as EngineConfig fields (max_model_len); here they are
+    flags (--max-model-len), so its errors are spelled that way."""
+    from compressor.serve.engine import EngineConfigError
+
+    try:
+        yield
+    except EngineConfigError as exc:
+        flags = {name: "--" + name.replace("_", "-") for name in ("max_model_len", "kv_cache_gb", "max_batch_size", "draft")}
+        raise UserError(exc.spelled(flags)) from None
 
 
 @main.command()
 @click.argument("path", required=False)
 def info(path: str | None) -> None:
-    """Describe PATH (an artifact or a recipe), or, without PATH, this installation."""
-    import platform
+    """Describe PATH (an artifact or a recipe), or, without PATH, this installation.
 
-    import torch
+    An artifact is verified against its manifest first (exit 2 on any mismatch).
+    """
+    from compressor.describe import describe
 
-    if path is None:
-        from compressor.architectures import ARCHITECTURES
-        from compressor.models import EMBEDDED_MODELS, resolve_source
-
-        click.echo(f"compressor {__import__('compressor').__version__}, torch {torch.__version__}, python {platform.python_version()}")
-        click.echo(f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}; cpu threads: {torch.get_num_threads()}")
-        for name in EMBEDDED_MODELS:
-            try:
-                src = resolve_source(name)
-                click.echo(f"embedded model {name}: {Path(src.path) / src.gguf_file}")
-            except UserError as exc:
-                click.echo(f"embedded model {name}: unavailable ({exc})")
-        click.echo(f"architectures: {', '.join(sorted(ARCHITECTURES))}")
-        return
-    p = Path(path)
-    if p.is_file() and p.suffix in (".yaml", ".yml"):
-        from compressor.recipe import load_recipe
-
-        import yaml
-
-        click.echo(yaml.safe_dump(load_recipe(p).model_dump(mode="json"), sort_keys=False).rstrip())
-        return
-    from compressor.artifacts.formats import GGUF_FILE, is_gguf_artifact
-
-    gguf_file = p if p.is_file() and p.suffix == ".gguf" else p / GGUF_FILE if is_gguf_artifact(p) else None
-    if gguf_file is not None:
-        from compressor.export.gguf import describe_gguf
-
-        click.echo(f"{path}: {describe_gguf(gguf_file)}")
-        manifest = p / "manifest.json"
-        if manifest.is_file():
-            from compressor.artifacts.directory import verify_manifest
-
-            verify_manifest(p)
-            click.echo("manifest: verified")
-        return
-    if p.is_dir():
-        from compressor import runtime
-
-        if not (p / "config.json").is_file():
-            raise UserError(f"{path}: no config.json; not a model or artifact directory")
-        files = sorted(f for f in p.rglob("*") if f.is_file())
-        from compressor.artifacts.checkpoint import read_json
-        from compressor.artifacts.formats import ONNX_CONFIG
-        from compressor.runtime.onnx import is_onnx_artifact
-
-        if is_onnx_artifact(p):
-            oc = read_json(p / ONNX_CONFIG)
-            nb = oc.get("matmul_nbits", {})
-            click.echo(f"{path}: ONNX artifact (opset {oc.get('opset')}), {nb.get('layers')} MatMulNBits linears, "
-                       f"bits={nb.get('bits')}, block_size={nb.get('block_sizes')}, accuracy_level={nb.get('accuracy_level')}")  # fmt: skip
-        elif runtime.is_gptq_artifact(p):
-            qc = runtime.gptq_config(p)
-            quantized_in_act_order = (qc.get("meta") or {}).get("act_order") is True and not qc.get("desc_act")
-            keys = ("bits", "group_size", "sym", "desc_act") + (("checkpoint_format",) if qc.get("checkpoint_format") != "gptq" else ())
-            click.echo(f"{path}: GPTQ artifact, " + ", ".join(f"{k}={qc[k]}" for k in keys if k in qc)
-                       + (" (quantized in act-order with static groups: g_idx in order)" if quantized_in_act_order else ""))  # fmt: skip
-            held = runtime.memory_estimate(p)  # what `runtime.load(p)` holds on this machine's CPU, from the headers
-            click.echo(f"runtime memory (CPU, {str(runtime.default_dtype('cpu')).removeprefix('torch.')}): {held['total'] / 1e6:.1f} MB "
-                       f"(packed linears {held['packed'] / 1e6:.1f} MB, float tensors {held['float'] / 1e6:.1f} MB)")  # fmt: skip
-        else:
-            config = json.loads((p / "config.json").read_text())
-            sparsity = config.get("compressor_sparsity")
-            qc = config.get("quantization_config") or {}
-            if qc.get("quant_method") == "compressed-tensors":
-                weights = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
-                kind = (f"{config.get('model_type', '?')} compressed-tensors artifact ({qc.get('format')}, {weights.get('num_bits')}-bit, "
-                        f"group size {weights.get('group_size')}, {'symmetric' if weights.get('symmetric') else 'asymmetric'})")  # fmt: skip
-            else:
-                kind = f"dense {config.get('model_type', '?')} checkpoint"
-            click.echo(f"{path}: {kind}, {config.get('num_hidden_layers', '?')} layers"
-                       + (f", {sparsity['structure']} sparsity {sparsity['global_sparsity']:.3f}" if sparsity else ""))  # fmt: skip
-        click.echo(f"files: {len(files)}, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB; manifest: {'yes' if (p / 'manifest.json').exists() else 'no'}")
-        report = p / "report.json"
-        if report.exists():
-            r = json.loads(report.read_text())
-            ppl = r.get("perplexity", {})
-            if ppl.get("dense") and ppl.get("compressed"):
-                click.echo(f"perplexity: dense {ppl['dense']['perplexity']:.4f}, compressed {ppl['compressed']['perplexity']:.4f}")
-        return
-    raise UserError(f"{path}: no such artifact directory or recipe file")
+    description = describe(path)
+    for warning in description.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for line in description.lines:
+        click.echo(line)
 
 
 EXPORT_FORMATS = ("onnx", "gguf", "compressed-tensors")
@@ -425,9 +360,12 @@ def push(artifact: Path, repo_id: str, private: bool, revision: str | None, over
 @click.option("--kv-cache-gb", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True), help="KV cache budget (served model and draft); caps the batch size.")
 @click.option("--served-model-name", default=None, help="The model name clients send [default: the artifact directory's name].")
 @click.option("--shutdown-timeout", default=60.0, show_default=True, type=click.FloatRange(0), help="Seconds SIGTERM waits for in-flight requests.")
+@click.option("--max-request-bytes", default=2 * 2**20, show_default=True, type=click.IntRange(1),
+              help="Largest request body; larger ones get HTTP 413 (the default, 2 MiB, fits a 128k-token prompt).")
 @_runtime_options
 def serve(artifact, host, port, device, backend, draft, num_speculative_tokens, max_batch_size, max_model_len, max_prompt_tokens,
-          max_tokens_limit, max_queue, prefill_chunk, kv_cache_gb, served_model_name, shutdown_timeout, dtype, cache_dequantized) -> None:  # fmt: skip
+          max_tokens_limit, max_queue, prefill_chunk, kv_cache_gb, served_model_name, shutdown_timeout, max_request_bytes, dtype,
+          cache_dequantized) -> None:  # fmt: skip
     """Serve ARTIFACT (an artifact directory or any model source) with an OpenAI-compatible API.
 
     \b
@@ -439,13 +377,14 @@ def serve(artifact, host, port, device, backend, draft, num_speculative_tokens, 
     """
     from compressor.serve import serve as run_server
 
-    run_server(
-        artifact, host=host, port=port, device=device, backend=backend, draft=draft, served_model_name=served_model_name,
-        dtype=dtype, cache_dequantized=cache_dequantized,
-        shutdown_timeout=shutdown_timeout, num_speculative_tokens=num_speculative_tokens, max_batch_size=max_batch_size,
-        max_model_len=max_model_len, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_queue=max_queue,
-        prefill_chunk=prefill_chunk, kv_cache_gb=kv_cache_gb,
-    )  # fmt: skip
+    with _engine_options_as_flags():
+        run_server(
+            artifact, host=host, port=port, device=device, backend=backend, draft=draft, served_model_name=served_model_name,
+            dtype=dtype, cache_dequantized=cache_dequantized,
+            shutdown_timeout=shutdown_timeout, num_speculative_tokens=num_speculative_tokens, max_batch_size=max_batch_size,
+            max_model_len=max_model_len, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_queue=max_queue,
+            prefill_chunk=prefill_chunk, kv_cache_gb=kv_cache_gb, max_request_bytes=max_request_bytes,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,13 +14,19 @@ class UserError(Exception):
     exit_code = 2
 
 
+MAX_SHOWN_VALUE = 200  # characters of a bad value's repr shown in an error
+
+
 class RecipeError(UserError):
     """One bad value in a recipe, located by file and key path."""
 
     def __init__(self, file: str, path: str, value: object, allowed: str):
         self.file, self.path, self.value, self.allowed = file, path, value, allowed
         where = f"{file}: " if file else ""
-        super().__init__(f"{where}{path}: {value!r} is not allowed: {allowed}")
+        shown = repr(value)
+        if len(shown) > MAX_SHOWN_VALUE:  # one line, even for a value of megabytes
+            shown = f"{shown[:MAX_SHOWN_VALUE]}... ({len(shown)} characters)"
+        super().__init__(f"{where}{path}: {shown} is not allowed: {allowed}")
 
 
 class ArtifactError(UserError):

@@ -1,13 +1,14 @@
 """The recipe schema: the single source of truth for every option.
 
-A recipe is a YAML file validated by the pydantic models below. Field descriptions are the
-documentation: README's option table is generated from them (`python -m compressor.recipe`).
+A recipe is a YAML file validated by the pydantic models below, composed of the sections' options
+models: `data.*` from compressor.data, each stage kind's options from the stage table
+(compressor.stages). Field descriptions are the documentation: README's option table is
+generated from them (`python -m compressor.recipe`).
 
 Loading goes: YAML -> `--set key.path=value` overrides applied to the raw mapping -> pydantic
-validation -> checks that need the model's shapes (`check_against_model`). Every failure becomes a
-`RecipeError` naming the file, the key path (`stages[0].quantize.group_size`), the bad value and
-what is allowed.
-"""
+validation -> checks that need the model's shapes (each stage kind's `check`, called by
+`pipeline.validate`). Every failure becomes a `RecipeError` naming the file, the key path
+(`stages[0].quantize.group_size`), the bad value and what is allowed."""
 
 from __future__ import annotations
 
@@ -119,7 +120,11 @@ class ExportSection(_Strict):
         "v1 checkpoints it did not write, and vLLM reads v1 only).",
     )
     max_shard_size: str = Field("2GB", description="Split safetensors into shards above this size.")
-    overwrite: bool = Field(False, description="Replace an existing output directory (only after success).")
+    overwrite: bool = Field(
+        False,
+        description="Replace an existing output directory (only after success) when it is a compressor artifact "
+        "(its manifest lists every file) or empty; anything else is refused, never deleted.",
+    )
 
     @field_validator("max_shard_size")
     @classmethod
@@ -313,22 +318,64 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[last] = value
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a megabyte is a wrong file
+MAX_RECIPE_VALUES = 100_000  # values after YAML aliases are expanded (a real recipe has a few hundred)
+
+
+def _read_recipe_file(p: Path, file: str) -> dict:
+    """The recipe file as a mapping, or a one-line UserError: missing, too big, not UTF-8 text,
+    not YAML, empty, not a mapping, or aliases that expand past MAX_RECIPE_VALUES."""
+    if not p.is_file():
+        raise UserError(f"{file}: recipe file not found")
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise UserError(f"{file}: {size} bytes is too big for a recipe (at most {MAX_RECIPE_BYTES} bytes); is this the right file?")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file}: not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); a recipe is a YAML file") from None
+    if "\x00" in text:
+        raise UserError(f"{file}: holds NUL bytes, so it is not a text file; a recipe is a YAML file")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raise UserError(f"{file}: the recipe is empty (it would run every default); write the sections you want, "
+                        "e.g. `model: smollm2-135m` (README lists every option)")  # fmt: skip
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}: a recipe is a mapping of sections (model, data, stages, ...)")
+    _check_expanded_size(raw, file)
+    return raw
+
+
+def _check_expanded_size(raw: Any, file: str) -> None:
+    """YAML aliases share one object per anchor, so nine nested anchors in a few hundred bytes
+    make a value of 10^9 items for whatever walks it (validation, error messages): count the
+    values as a walk would see them and stop at the limit."""
+    seen, stack = 0, [raw]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_VALUES:
+            raise UserError(f"{file}: the recipe expands to more than {MAX_RECIPE_VALUES} values "
+                            "(YAML aliases nested into each other?); write the values out")  # fmt: skip
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe. `path=None` starts from the defaults."""
     file = str(path) if path is not None else "<defaults>"
     raw: Any = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{file}: recipe file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{file}: a recipe is a mapping of sections (model, data, stages, ...)")
+        raw = _read_recipe_file(Path(path), file)
     for assignment in overrides:
         apply_override(raw, assignment)
     try:

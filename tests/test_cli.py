@@ -126,7 +126,7 @@ def test_info(artifact):
     result = invoke("info", out)
     assert result.exit_code == 0, result.output
     assert "GPTQ artifact, bits=4, group_size=32, sym=True, desc_act=False (quantized in act-order" in result.stdout
-    assert "manifest: yes" in result.stdout
+    assert re.search(r"manifest: verified \(\d+ files\)", result.stdout), result.stdout
     ppl = read_report(out)["perplexity"]
     assert f"compressed {ppl['compressed']['perplexity']:.4f}" in result.stdout
     result = invoke("info")

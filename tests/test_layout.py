@@ -80,7 +80,7 @@ MAY_IMPORT = {
     "export": {"algorithms", "architectures", "artifacts", "engine", "errors", "lazy", "packing"},
     "runtime": {"algorithms", "architectures", "artifacts", "errors", "kernels", "lazy", "packing"},
 }
-ORCHESTRATION = {"pipeline", "blockwise", "cli", "sweep"}
+ORCHESTRATION = {"pipeline", "blockwise", "cli", "sweep", "hub", "describe"}
 
 
 def _package_imports() -> dict[str, set[str]]:

@@ -66,8 +66,9 @@ output: runs/x
     assert r.output == "runs/x"
 
 
-def test_empty_file_and_no_file_give_the_defaults(tmp_path):
-    assert load_recipe(write(tmp_path, "")) == Recipe()
+def test_an_explicit_empty_mapping_and_no_file_give_the_defaults(tmp_path):
+    """An empty *file* is an error (tests/test_input_hardening.py): it is more likely an accident."""
+    assert load_recipe(write(tmp_path, "{}\n")) == Recipe()
     assert load_recipe(None) == Recipe()
     defaults = Recipe()
     [(kind, q)] = defaults.stage_list()

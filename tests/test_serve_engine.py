@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from compressor.errors import UserError
-from compressor.serve.engine import Draining, Engine, EngineConfig, Overloaded, RequestRejected
+from compressor.serve.engine import Draining, Engine, EngineConfig, EngineConfigError, Overloaded, RequestRejected
 from compressor.serve.kv_cache import kv_bytes_per_token
 from compressor.serve.metrics import ServeMetrics
 from compressor.serve.sampling import SamplingParams, sample
@@ -294,9 +294,14 @@ def test_kv_budget_sets_the_batch_size(model, smollm2_tokenizer):
     per_sequence = kv_bytes_per_token(model.config, torch.float32) * 128
     engine = Engine(model, smollm2_tokenizer, EngineConfig(max_model_len=128, max_batch_size=8, kv_cache_gb=2.5 * per_sequence / 2**30))
     assert engine.slots == 2 and engine.target.cache.nbytes == 2 * per_sequence
-    with pytest.raises(UserError, match="--kv-cache-gb .* holds no sequence of --max-model-len 128"):
+    # The engine names its own options; the CLI spells them as its flags (test_engine_errors_name_the_cli_flags).
+    with pytest.raises(EngineConfigError, match="kv_cache_gb .* holds no sequence of max_model_len 128") as err:
         Engine(model, smollm2_tokenizer, EngineConfig(max_model_len=128, kv_cache_gb=0.5 * per_sequence / 2**30))
-    with pytest.raises(UserError, match="exceeds the model's context of 512"):
+    assert isinstance(err.value, UserError) and "--" not in str(err.value)
+    assert err.value.spelled({"kv_cache_gb": "--kv-cache-gb", "max_model_len": "--max-model-len"}).startswith(
+        "--kv-cache-gb ") and "raise --kv-cache-gb or lower --max-model-len" in err.value.spelled(
+        {"kv_cache_gb": "--kv-cache-gb", "max_model_len": "--max-model-len"})  # fmt: skip
+    with pytest.raises(EngineConfigError, match="max_model_len 1024 exceeds the model's context of 512"):
         Engine(model, smollm2_tokenizer, EngineConfig(max_model_len=1024))
 
 
@@ -320,3 +325,18 @@ def test_smollm2_batched_greedy_equals_generate(smollm2_tokenizer):
     for p, (tokens, _, _) in zip(ps, results):
         expected = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, pad_token_id=2)[0, len(p) :].tolist()
         assert tokens == expected
+
+
+def test_engine_errors_name_the_cli_flags(tiny_llama_dir):
+    """`compress serve`/`generate` translate the engine's option names into their flags."""
+    import sys
+    import subprocess
+
+    code = "import sys; from compressor.cli import main; sys.argv[0] = 'compress'; main()"
+    serve = subprocess.run([sys.executable, "-c", code, "serve", str(tiny_llama_dir), "--port", "0", "--max-model-len", "100000"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert serve.returncode == 2, serve.stderr[-2000:]
+    assert "error: --max-model-len 100000 exceeds the model's context of" in serve.stderr
+    generate = subprocess.run([sys.executable, "-c", code, "generate", str(tiny_llama_dir), "hi", "--max-new-tokens", "4",
+                               "--seed", str(2**70)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert generate.returncode == 2 and "error: --seed: " in generate.stderr, generate.stderr[-2000:]

@@ -9,7 +9,9 @@ are not its own, masked key by key), with chunked prefill and with an ONNX draft
 from __future__ import annotations
 
 import asyncio
+import json
 
+import httpx
 import openai
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch
 from compressor import runtime
 from compressor.export.onnx import export_onnx
 from compressor.runtime import onnx as onnx_runtime
+from compressor.serve import engine as engine_module
 from compressor.serve import build, load_for_serving
 from compressor.serve.engine import Engine, EngineConfig
 from compressor.serve.onnx_backend import OnnxModel
@@ -123,6 +126,30 @@ def test_chunked_prefill_and_draft(artifacts, reference, backend, draft):
         assert engine.spec_proposed > 0 and engine.spec_accepted == engine.spec_proposed
 
 
+def test_one_bad_request_fails_alone(served, monkeypatch):
+    """Issue 16 on this backend: a top_k past int64 gets 400 before the engine, an (injected)
+    sampling failure fails only its own request, and a request decoding meanwhile completes."""
+    real = engine_module.sample
+
+    def sample_or_fail(logits, params, generators):
+        if any(p.seed == 1313 for p in params):
+            raise RuntimeError("injected sampling failure")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(engine_module, "sample", sample_or_fail)
+    url = served[0].url + "/v1/completions"
+    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0.0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url, json=body, timeout=60) as running:
+        lines = running.iter_lines()
+        seen = [next(line for line in lines if line.startswith("data: "))]
+        r = httpx.post(url, json={"model": NAME, "prompt": "Hi", "max_tokens": 4, "top_k": 2**63}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_k", r.text
+        r = httpx.post(url, json={"model": NAME, "prompt": "Hi", "max_tokens": 4, "temperature": 1.0, "seed": 1313}, timeout=60)
+        assert r.status_code == 500 and "injected sampling failure" in r.json()["error"]["message"], r.text
+        seen += list(lines)
+    chunks = [json.loads(line[6:]) for line in seen if line.startswith("data: {")]
+    assert not any("error" in c for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(c["choices"][0]["text"]) for c in chunks) > 0
 
 
 def test_backend_errors(artifacts):

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from compressor.errors import UserError
-from compressor.serve.engine import Engine, EngineConfig, default_max_model_len
+from compressor.serve.engine import Engine, EngineConfig, RequestRejected, default_max_model_len
 from compressor.serve.metrics import ServeMetrics
 
 __all__ = ["Engine", "EngineConfig", "complete", "load_for_serving", "serve"]
@@ -63,7 +63,23 @@ def complete(model, tokenizer, prompt: list[int], max_new_tokens: int, temperatu
                         f"exceed the model's context of {context} tokens")  # fmt: skip
     engine = Engine(model, tokenizer, EngineConfig(max_model_len=total, max_batch_size=1, max_queue=1))
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    return engine.generate(prompt, params)[0]
+    try:
+        return engine.generate(prompt, params)[0]
+    except RequestRejected as exc:  # e.g. --seed 2**70, --temperature inf: the option's error, not a traceback
+        option = {"prompt": "PROMPT", "max_tokens": "--max-new-tokens"}.get(exc.param or "", f"--{(exc.param or '').replace('_', '-')}")
+        raise UserError(f"{option}: {exc.message}") from None
+
+
+def complete_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False, temperature: float = 0.0,
+                  seed: int = 0, where: str = "MODEL") -> str:  # fmt: skip
+    """The completion of `prompt` as text (`complete` on its tokens); with `chat`, `prompt` is one
+    user message rendered by the tokenizer's chat template."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{where}: the tokenizer has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=not chat).input_ids
+    return tokenizer.decode(complete(model, tokenizer, ids, max_new_tokens, temperature, seed), skip_special_tokens=True)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -82,10 +98,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def build(artifact: str, device: str = "auto", draft: str | None = None, served_model_name: str | None = None,
           shutdown_timeout: float | None = 60.0, backend: str = "auto", start_engine: bool = True, dtype: str = "auto",
-          cache_dequantized: bool = False, **engine_options):  # fmt: skip
+          cache_dequantized: bool = False, max_request_bytes: int | None = None, **engine_options):  # fmt: skip
     """(app, engine): load the model (and draft), start the engine (unless told not to), wrap it in the FastAPI app.
-    `dtype` and `cache_dequantized` apply to the model and the draft (models.load_any)."""
-    from compressor.serve.api import create_app
+    `dtype` and `cache_dequantized` apply to the model and the draft (models.load_any); request
+    bodies over `max_request_bytes` (default: api.DEFAULT_MAX_REQUEST_BYTES) get 413."""
+    from compressor.serve.api import DEFAULT_MAX_REQUEST_BYTES, create_app
     from compressor.serve.backends import backend_for
 
     model, tokenizer = load_for_serving(artifact, device, backend, dtype=dtype, cache_dequantized=cache_dequantized)
@@ -105,19 +122,21 @@ def build(artifact: str, device: str = "auto", draft: str | None = None, served_
     if start_engine:
         engine.start()
     name = served_model_name or Path(artifact.rstrip("/")).name or artifact
-    app = create_app(engine, tokenizer, name, metrics, aliases=(artifact,), shutdown_timeout=shutdown_timeout)
+    limit = DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes
+    app = create_app(engine, tokenizer, name, metrics, aliases=(artifact,), shutdown_timeout=shutdown_timeout, max_request_bytes=limit)
     return app, engine
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", draft: str | None = None,
           served_model_name: str | None = None, shutdown_timeout: float = 60.0, log_level: str = "info",
-          backend: str = "auto", dtype: str = "auto", cache_dequantized: bool = False, **engine_options) -> None:  # fmt: skip
+          backend: str = "auto", dtype: str = "auto", cache_dequantized: bool = False, max_request_bytes: int | None = None,
+          **engine_options) -> None:  # fmt: skip
     """Serve until SIGINT/SIGTERM; SIGTERM stops admitting (503) and finishes in-flight requests first."""
     import uvicorn
 
     sock = _bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
     app, engine = build(artifact, device, draft, served_model_name, shutdown_timeout, backend, start_engine=False, dtype=dtype,
-                        cache_dequantized=cache_dequantized, **engine_options)  # fmt: skip
+                        cache_dequantized=cache_dequantized, max_request_bytes=max_request_bytes, **engine_options)  # fmt: skip
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):

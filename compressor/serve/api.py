@@ -2,8 +2,13 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text). Errors are OpenAI-shaped: {"error": {"message", "type",
-"param", "code"}} with 400 for bad input (malformed JSON and wrong types included), 404 for an
-unknown model, 429/503 with Retry-After when the server is full or shutting down.
+"param", "code"}} with 400 for bad input (malformed JSON, wrong types, numbers out of range,
+text that is not valid UTF-8), 404 for an unknown model, 413 for a body over
+`max_request_bytes`, 429/503 with Retry-After when the server is full or shutting down.
+
+One request must never hold up or fail others: every field is checked to the range the engine
+and torch accept before the request reaches the engine, and tokenizing (seconds for a
+megabyte-sized prompt) runs in a worker thread, not on the event loop that answers everyone.
 
 Streaming uses server-sent events as OpenAI clients expect: `data: {chunk}\\n\\n` per piece of
 text, an optional usage chunk (stream_options.include_usage), then `data: [DONE]\\n\\n`. A client
@@ -25,19 +30,35 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from compressor.serve.engine import Draining, Engine, EngineError, Output, Overloaded, RequestRejected
+from compressor.serve.engine import INT64_MAX, INT64_MIN, Draining, Engine, EngineError, Output, Overloaded, RequestRejected
 from compressor.serve.metrics import ServeMetrics
 from compressor.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+DEFAULT_MAX_REQUEST_BYTES = 2 * 2**20  # room for a 128k-token prompt as text or as token ids
 
 
 # ---------------------------------------------------------------------------------------- schemas
+def _utf8(text: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer (or response) can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError("string_unicode", f"not valid UTF-8 text (lone surrogate \\u{ord(text[exc.start]):04x} "
+                                  f"at character {exc.start})") from None  # fmt: skip
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]  # what torch takes without overflowing
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
@@ -47,43 +68,43 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
-    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[StrictInt, Field(ge=-1)] = -1  # not OpenAI's; vLLM's extension (-1 or 0: off)
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
-    seed: StrictInt | None = None
+    model: Text
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=-1, le=INT64_MAX)] = -1  # not OpenAI's; vLLM's extension (-1 or 0: off)
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: Int64 | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Annotated[StrictInt, Field(ge=1, le=1)] = 1  # one choice per request
-    presence_penalty: Annotated[StrictFloat, Field(ge=0.0, le=0.0)] = 0.0  # penalties are not implemented
-    frequency_penalty: Annotated[StrictFloat, Field(ge=0.0, le=0.0)] = 0.0
+    presence_penalty: Annotated[StrictFloat, Field(ge=0.0, le=0.0, allow_inf_nan=False)] = 0.0  # penalties are not implemented
+    frequency_penalty: Annotated[StrictFloat, Field(ge=0.0, le=0.0, allow_inf_nan=False)] = 0.0
     logprobs: Literal[False] | None = None  # not implemented
     ignore_eos: StrictBool = False  # vLLM's extension, for load tests with exact lengths
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-    max_tokens: StrictInt | None = 16  # OpenAI's default for completions
+    prompt: Text | Annotated[list[Int64], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    max_tokens: Int64 | None = 16  # OpenAI's default for completions
     echo: Literal[False] = False
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
 
 class ChatRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: StrictInt | None = None  # default: whatever the context leaves
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: Int64 | None = None  # default: whatever the context leaves
+    max_completion_tokens: Int64 | None = None
     logprobs: StrictBool | None = None
     top_logprobs: None = None
 
@@ -187,6 +208,47 @@ class _CountRequests:
         await self.app(scope, receive, counting_send)
 
 
+class _LimitBody:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app parses it, at once
+    when Content-Length says so, else as soon as the bytes received pass the limit (a chunked
+    body). The body is read here and handed to the app whole (FastAPI reads it whole anyway). The
+    server discards the rest of a refused body, so the client still reads the 413."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send, f"the request body ({int(length)} bytes)")
+        chunks, size, more = [], 0, True
+        while more:  # counted even with a Content-Length: chunked framing would override it
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send, "the request body")
+            more = message.get("more_body", False)
+        pending: dict | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal pending
+            if pending is None:
+                return await receive()  # after the body: disconnect notices for streaming responses
+            message, pending = pending, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, what: str) -> None:
+        message = f"{what} is over this server's limit of {self.limit} bytes"
+        await JSONResponse(error_body(message, "invalid_request_error", None, "request_too_large"), status_code=413)(scope, receive, send)
+
+
 async def _outputs(queue: asyncio.Queue) -> AsyncIterator[Output]:
     while True:
         out: Output = await queue.get()
@@ -197,10 +259,14 @@ async def _outputs(queue: asyncio.Queue) -> AsyncIterator[Output]:
 
 # ---------------------------------------------------------------------------------------- app
 def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServeMetrics, aliases: tuple[str, ...] = (),
-               shutdown_timeout: float | None = None) -> FastAPI:  # fmt: skip
-    """The FastAPI app serving `engine` as model `model_name` (requests may also name an alias)."""
+               shutdown_timeout: float | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving `engine` as model `model_name` (requests may also name an alias);
+    request bodies over `max_request_bytes` get 413."""
+    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be a positive number of bytes, got {max_request_bytes!r}")
     names = {model_name, *aliases}
     created = int(time.time())
+    vocab = len(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -230,7 +296,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServeMetrics
         log.exception("request failed")
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
 
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(_LimitBody, limit=max_request_bytes)
+    app.add_middleware(_CountRequests, metrics=metrics)  # added last: outermost, so it counts the 413s too
+
+    async def encode(text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`, tokenized in a worker thread (the tokenizer releases the GIL)."""
+        return await asyncio.to_thread(lambda: tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
     def check_model(name: str) -> None:
         if name not in names:
@@ -310,11 +381,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServeMetrics
         check_model(req.model)
         if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
             text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-            prompt_ids = tokenizer(text, add_special_tokens=True).input_ids
+            prompt_ids = await encode(text, add_special_tokens=True)
         else:
             prompt_ids = req.prompt
-            if max(prompt_ids) >= len(tokenizer) or min(prompt_ids) < 0:
-                raise APIError(400, f"prompt: token ids must lie in [0, {len(tokenizer) - 1}]", param="prompt")
+            if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+                raise APIError(400, f"prompt: token ids must lie in [0, {vocab - 1}]", param="prompt")
         seq, queue = submit(prompt_ids, sampling(req, resolve_max_tokens(req.max_tokens, len(prompt_ids))))
         envelope = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": req.model}
         if req.stream:
@@ -338,10 +409,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServeMetrics
             for m in req.messages
         ]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 - the template rejects the conversation (e.g. role order)
             raise APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from None
-        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        prompt_ids = await encode(text, add_special_tokens=False)
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         seq, queue = submit(prompt_ids, sampling(req, resolve_max_tokens(asked, len(prompt_ids))))
         envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": req.model}

@@ -10,6 +10,11 @@ One thread owns the model (torch forwards must not run concurrently) and loops:
    (or, with a draft model, up to k+1 tokens for greedy sequences, see `_propose`/`_decode`);
 4. finished or cancelled sequences leave and free their slot; the next iteration admits more.
 
+Failures stay as small as they can: a request that would fail inside a step is rejected by
+`submit`; an exception while sampling or detokenizing for one sequence ends that sequence alone
+with an error output; a failed forward ends the sequences it carried (other slots are untouched);
+the loop keeps serving either way.
+
 Callers (the HTTP handlers) `submit` token ids with a `sink` that receives one `Output` per
 iteration that produced tokens; the sink is called on the engine thread and must only hand the
 output over (e.g. `loop.call_soon_threadsafe`).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -44,12 +50,32 @@ from compressor.serve.text import IncrementalDetokenizer, StopStringFilter
 log = logging.getLogger(__name__)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 class EngineError(Exception):
     """A request the engine will not take; `param`/`code` follow OpenAI's error body."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+
+
+class EngineConfigError(UserError):
+    """The engine cannot run with these options (raised when it is built, not per request).
+
+    The message names options by their EngineConfig field (`max_model_len`, and `draft` for the
+    draft model); a caller with its own names for them, such as the CLI's --max-model-len, gets
+    the message in those with `spelled(names)`.
+    """
+
+    def __init__(self, template: str, **values):
+        self.template, self.values = template, values
+        super().__init__(self.spelled({}))
+
+    def spelled(self, names: dict[str, str]) -> str:
+        options = {name: names.get(name, name) for name in (*EngineConfig.__dataclass_fields__, "draft")}
+        return self.template.format(**options, **self.values)
 
 
 class RequestRejected(EngineError):
@@ -135,26 +161,25 @@ class Engine:
         target = backend_for(model)  # chosen once; nothing below branches on the kind of model
         drafter = backend_for(draft) if draft is not None else None
         if drafter is not None and drafter.kind != target.kind:
-            raise UserError("--draft: the draft must run on the same backend (torch or onnx) as the served model")
+            raise EngineConfigError("{draft}: the draft must run on the same backend (torch or onnx) as the served model")
         self.device, self.dtype, self.backend = target.device, target.dtype, target.label
         model_config, draft_config = target.config, drafter.config if drafter is not None else None
         context = getattr(model_config, "max_position_embeddings", None)
         if context and config.max_model_len > context:
-            raise UserError(f"--max-model-len {config.max_model_len} exceeds the model's context of {context} tokens")
+            raise EngineConfigError("{max_model_len} {length} exceeds the model's context of {context} tokens",
+                                    length=config.max_model_len, context=context)  # fmt: skip
         if draft is not None and draft_config.vocab_size != model_config.vocab_size:
-            raise UserError(
-                f"--draft: vocabulary of {draft_config.vocab_size} tokens differs from the served model's "
-                f"{model_config.vocab_size}; the draft must share the tokenizer"
-            )
+            raise EngineConfigError("{draft}: vocabulary of {draft_vocab} tokens differs from the served model's "
+                                    "{vocab}; the draft must share the tokenizer",
+                                    draft_vocab=draft_config.vocab_size, vocab=model_config.vocab_size)  # fmt: skip
         self.k = config.num_speculative_tokens if draft is not None else 0
         capacity = config.max_model_len + self.k  # verification reads up to k positions past the last token
         per_slot = capacity * sum(kv_bytes_per_token(c, self.dtype) for c in (model_config, draft_config) if c is not None)
         slots = min(config.max_batch_size, int(config.kv_cache_gb * 2**30 // per_slot))
         if slots < 1:
-            raise UserError(
-                f"--kv-cache-gb {config.kv_cache_gb} holds no sequence of --max-model-len {config.max_model_len} "
-                f"(one needs {per_slot / 2**30:.3f} GB); raise --kv-cache-gb or lower --max-model-len"
-            )
+            raise EngineConfigError("{kv_cache_gb} {budget} holds no sequence of {max_model_len} {length} "
+                                    "(one needs {need:.3f} GB); raise {kv_cache_gb} or lower {max_model_len}",
+                                    budget=config.kv_cache_gb, length=config.max_model_len, need=per_slot / 2**30)  # fmt: skip
         if slots < config.max_batch_size:
             log.warning("KV cache budget %.2f GB fits %d sequences of %d tokens; batch size limited to %d",
                         config.kv_cache_gb, slots, capacity, slots)  # fmt: skip
@@ -162,6 +187,7 @@ class Engine:
         self.target = target.new_cache(slots, capacity, self.dtype, self.device)
         self.draft = drafter.new_cache(slots, capacity, self.dtype, self.device) if drafter is not None else None
         self.eos = _eos_ids(target.eos_ids(), tokenizer)
+        self.vocab_size = int(model_config.vocab_size)
         self.max_prompt_tokens = config.max_prompt_tokens or config.max_model_len - 1
         self.max_tokens = config.max_tokens or config.max_model_len - 1
 
@@ -231,8 +257,23 @@ class Engine:
                 "max_tokens", "context_length_exceeded",
             )  # fmt: skip
 
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Output], None]) -> Sequence:
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise RequestRejected for what would fail inside a step, where it would fail the whole
+        batch: token ids outside the model's vocabulary, sampling parameters out of range."""
         self.check(len(prompt), params.max_tokens)
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise RequestRejected(f"token ids must lie in [0, {self.vocab_size - 1}]", "prompt")
+        if not (math.isfinite(params.temperature) and params.temperature >= 0):
+            raise RequestRejected(f"temperature must be a finite number >= 0, got {params.temperature}", "temperature")
+        if not 0 < params.top_p <= 1:
+            raise RequestRejected(f"top_p must lie in (0, 1], got {params.top_p}", "top_p")
+        if not 0 <= params.top_k <= INT64_MAX:
+            raise RequestRejected(f"top_k must lie in [0, {INT64_MAX}], got {params.top_k}", "top_k")
+        if params.seed is not None and not INT64_MIN <= params.seed <= INT64_MAX:  # torch.Generator takes int64
+            raise RequestRejected(f"seed must lie in [{INT64_MIN}, {INT64_MAX}], got {params.seed}", "seed")
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Output], None]) -> Sequence:
+        self.check_request(prompt, params)
         with self._cond:
             if not self._accepting:
                 raise Draining("the server is shutting down")
@@ -336,7 +377,7 @@ class Engine:
         started = time.perf_counter()
         try:
             self._step()
-        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+        except Exception as exc:  # noqa: BLE001 - last resort (the step isolates what it can): fail the batch, keep serving
             log.exception("engine step failed")
             for seq in list(self._running):
                 self._retire(seq, "error", error=f"{type(exc).__name__}: {exc}")
@@ -364,6 +405,40 @@ class Engine:
             heapq.heappush(self._free_slots, seq.slot)
             self._gauges()
 
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """End `seq` alone with an error (its client is told); the others in the step carry on."""
+        log.error("sequence %d failed", seq.id, exc_info=exc)
+        seq.finish_reason = "error"  # retired at the end of this iteration
+        self._emit(seq, Output("", [], "error", len(seq.prompt), seq.generated, f"{type(exc).__name__}: {exc}"))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """One token per sequence; None for a sequence whose sampling failed (it fails alone)."""
+        try:
+            return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:  # noqa: BLE001 - find the culprit row by row (rows drawn before the failure draw again)
+            log.debug("batched sampling failed; sampling row by row", exc_info=True)
+        tokens: list[int | None] = []
+        for i, seq in enumerate(seqs):
+            try:
+                tokens.append(sample(logits[i : i + 1], [seq.params], [seq.generator])[0])
+            except Exception as exc:  # noqa: BLE001
+                self._fail(seq, exc)
+                tokens.append(None)
+        return tokens
+
+    def _deliver(self, seq: Sequence, tokens: list[int]) -> None:
+        """`_append`, failing only `seq` if its detokenizer or stop strings raise."""
+        try:
+            self._append(seq, tokens)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(seq, exc)
+
+    def _fail_forward(self, seqs: list[Sequence], exc: Exception) -> None:
+        """A shared forward raised: its sequences fail; slots outside it were not touched, the engine goes on."""
+        log.error("forward of %d sequences failed", len(seqs), exc_info=exc)
+        for seq in seqs:
+            self._fail(seq, exc)
+
     def _emit(self, seq: Sequence, out: Output) -> None:
         try:
             seq.sink(out)
@@ -388,11 +463,15 @@ class Engine:
             batch.append((seq, seq.prompt[seq.cached : seq.cached + n]))
             budget -= n
         rows = [(seq.slot, chunk, seq.cached) for seq, chunk in batch]
-        hidden, valid = self.target.hidden(rows)
-        if self.draft is not None:  # greedy sequences will speculate: the draft reads their prompt too
-            drafted = [(seq.slot, chunk, seq.draft_cached) for seq, chunk in batch if seq.params.greedy]
-            if drafted:
-                self.draft.hidden(drafted)
+        try:
+            hidden, valid = self.target.hidden(rows)
+            if self.draft is not None:  # greedy sequences will speculate: the draft reads their prompt too
+                drafted = [(seq.slot, chunk, seq.draft_cached) for seq, chunk in batch if seq.params.greedy]
+                if drafted:
+                    self.draft.hidden(drafted)
+        except Exception as exc:  # noqa: BLE001
+            self._fail_forward([seq for seq, _ in batch], exc)
+            return
         for seq, chunk in batch:
             seq.cached += len(chunk)
             if self.draft is not None and seq.params.greedy:
@@ -403,13 +482,17 @@ class Engine:
             self.metrics.prefill_tokens_per_step.observe(sum(len(c) for _, c in batch))
         if not done:
             return
-        last = valid.sum(dim=1) - 1
-        rows_done = torch.tensor(done, device=hidden.device)
-        logits = self.target.head(hidden[rows_done, last[rows_done]]).float()
         seqs_done = [batch[i][0] for i in done]
-        tokens = sample(logits, [s.params for s in seqs_done], [s.generator for s in seqs_done])
-        for seq, token in zip(seqs_done, tokens):
-            self._append(seq, [token])
+        try:
+            last = valid.sum(dim=1) - 1
+            rows_done = torch.tensor(done, device=hidden.device)
+            logits = self.target.head(hidden[rows_done, last[rows_done]]).float()
+        except Exception as exc:  # noqa: BLE001
+            self._fail_forward(seqs_done, exc)
+            return
+        for seq, token in zip(seqs_done, self._sample(logits, seqs_done)):
+            if token is not None:
+                self._deliver(seq, [token])
 
     def _propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:
         """k greedy draft tokens per sequence; the draft first catches up on tokens it has not read."""
@@ -432,26 +515,31 @@ class Engine:
         budget = {s.id: min(self.k, s.params.max_tokens - s.generated - 1) for s in seqs if s.params.greedy}
         speculating = [s for s in seqs if budget.get(s.id, 0) > 0]
         proposals: dict[int, list[int]] = {}
-        if speculating:
-            k = max(budget[s.id] for s in speculating)
-            for s, p in zip(speculating, self._propose(speculating, k)):
-                proposals[s.id] = p[: budget[s.id]]
-
-        rows = [(s.slot, [s.tokens[-1], *proposals.get(s.id, [])], s.cached) for s in seqs]
-        hidden, valid = self.target.hidden(rows)
-        logits = self.target.head(hidden[valid]).float()  # [tokens fed, vocab], row by row
+        try:
+            if speculating:
+                k = max(budget[s.id] for s in speculating)
+                for s, p in zip(speculating, self._propose(speculating, k)):
+                    proposals[s.id] = p[: budget[s.id]]
+            rows = [(s.slot, [s.tokens[-1], *proposals.get(s.id, [])], s.cached) for s in seqs]
+            hidden, valid = self.target.hidden(rows)
+            logits = self.target.head(hidden[valid]).float()  # [tokens fed, vocab], row by row
+            greedy = logits.argmax(dim=-1).tolist() if proposals else []  # the served model's greedy tokens, every position
+        except Exception as exc:  # noqa: BLE001
+            self._fail_forward(seqs, exc)
+            return
         starts = [0]
         for _, tokens, _ in rows:
             starts.append(starts[-1] + len(tokens))
 
         plain = [i for i, s in enumerate(seqs) if s.id not in proposals]
         if plain:
-            picked = sample(logits[[starts[i] for i in plain]], [seqs[i].params for i in plain], [seqs[i].generator for i in plain])
+            picked = self._sample(logits[[starts[i] for i in plain]], [seqs[i] for i in plain])
             for i, token in zip(plain, picked):
+                if token is None:
+                    continue
                 seqs[i].cached += 1
-                self._append(seqs[i], [token])
+                self._deliver(seqs[i], [token])
         proposed_now = accepted_now = 0
-        greedy = logits.argmax(dim=-1).tolist() if proposals else []  # the served model's greedy tokens, every position
         for i, s in enumerate(seqs):
             if s.id not in proposals:
                 continue
@@ -465,7 +553,7 @@ class Engine:
             s.draft_cached = min(s.draft_cached, n + accepted)
             proposed_now += len(proposed)
             accepted_now += accepted
-            self._append(s, proposed[:accepted] + [choices[accepted]])
+            self._deliver(s, proposed[:accepted] + [choices[accepted]])
         self.spec_proposed += proposed_now
         self.spec_accepted += accepted_now
         if proposals and self.metrics:
@@ -514,6 +602,7 @@ __all__ = [
     "Draining",
     "Engine",
     "EngineConfig",
+    "EngineConfigError",
     "EngineError",
     "Output",
     "Overloaded",

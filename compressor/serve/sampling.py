@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+# a temperature below this is greedy: dividing logits by it would overflow them to inf (and the
+# probabilities to NaN), and the distribution it asks for is greedy's to float precision anyway
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -23,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -78,7 +83,8 @@ def _filtered_probs(logits: torch.Tensor, todo: _Batch) -> tuple[torch.Tensor, t
     sorted_logits, index = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     rank = torch.arange(vocab, device=device)[None, :]
-    top_k = torch.tensor([k if k > 0 else vocab for k in todo.top_k], device=device)[:, None]
+    # clamped to the vocabulary: a top_k past it filters nothing, and a huge one must not overflow int64
+    top_k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in todo.top_k], device=device)[:, None]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     # top-p: keep the smallest prefix whose mass reaches p (the first token always stays)
