@@ -392,3 +392,27 @@ def test_a_dense_artifact_is_verified_before_eval_loads_it(tiny_llama_dir, tmp_p
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="sha256 does not match"):
         load_any(str(artifact), device="cpu")
+
+
+def test_a_killed_gguf_exports_temporary_file_is_removed_by_the_next_export(tmp_path, monkeypatch):
+    """`compress export --format gguf` writes one file through a `.NAME.tmp-PID-HEX` temporary: a
+    killed export's is removed by the next export to the same file, a live process's is kept."""
+    from compressor.export import gguf
+
+    output = tmp_path / "model.gguf"
+    stale = tmp_path / f".model.gguf.tmp-{_dead_pid()}-0123abcd"
+    live = tmp_path / f".model.gguf.tmp-{os.getpid()}-89abcdef"
+    for left in (stale, live):
+        left.write_bytes(b"half a gguf")
+    made = []
+
+    def fake_write(artifact, tmp, progress, name):
+        made.append(tmp)
+        tmp.write_bytes(b"GGUF")
+        return {}
+
+    monkeypatch.setattr("compressor.export.gptq.check_conversion_source", lambda artifact, output: None)
+    monkeypatch.setattr(gguf, "write_gguf", fake_write)
+    gguf.export_gguf(tmp_path / "artifact", output, progress=False)
+    assert output.read_bytes() == b"GGUF" and not stale.exists() and live.exists()
+    assert re.fullmatch(rf"\.model\.gguf\.tmp-{os.getpid()}-[0-9a-f]{{8}}", made[0].name)

@@ -273,9 +273,9 @@ def _lock(directory: Path) -> int | None:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporary directories (`.NAME.tmp-PID-HEX[.*]`) that a killed run to `path`
-    left beside it; return them. Only ones that are clearly stale: real directories of this user,
-    whose process is gone, and whose temporary directory nobody holds locked."""
+    """Remove the temporaries (`.NAME.tmp-PID-HEX[.*]`) that a killed run to `path` left beside
+    it; return them. Only ones that are clearly stale: real directories or files of this user,
+    whose process is gone, and (directories) whose temporary directory nobody holds locked."""
     path = Path(path)
     pattern, removed = _stale_pattern(path), []
     try:
@@ -285,12 +285,18 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     for entry in entries:
         match = pattern.fullmatch(entry.name)
         try:
-            if not match or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            if not match or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue
+            is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
         except OSError:
             continue
         pid = int(match[1])
-        if _pid_alive(pid):
+        if _pid_alive(pid) or not (is_dir or is_file):
+            continue
+        if is_file:  # a single-file export (GGUF) writes its temporary beside the output
+            Path(entry.path).unlink(missing_ok=True)
+            log.info("removed %s, left by a run that ended without cleaning up (process %d is gone)", entry.path, pid)
+            removed.append(Path(entry.path))
             continue
         base = path.parent / (entry.name[: -len(match[2])] if match[2] else entry.name)
         lock = _lock(base) if base.is_dir() else None
@@ -304,6 +310,12 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         log.info("removed %s, left by a run that ended without cleaning up (process %d is gone)", entry.path, pid)
         removed.append(Path(entry.path))
     return removed
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh hidden temporary name beside `path` that `remove_stale_temporaries` recognises once
+    its process is gone (for outputs that are one file, written then renamed into place)."""
+    return _fresh_sibling(Path(path), _TMP)
 
 
 def _fresh_sibling(path: Path, tag: str, hidden: bool = True) -> Path:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from compressor.algorithms.quant import QuantizedWeight
+from compressor.artifacts.directory import remove_stale_temporaries, temporary_sibling
 from compressor.artifacts.formats import GGUF_CONFIG, GGUF_FILE
 from compressor.errors import ArtifactError, UserError
 from compressor.packing import unpack_gptq_v1
@@ -421,7 +421,8 @@ def export_gguf(artifact, output, overwrite: bool = False, progress: bool = True
         raise UserError(f"--output: {output} already exists; pass --overwrite to replace it")
     check_conversion_source(artifact, output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
+    remove_stale_temporaries(output)  # a killed export's half-written file
+    tmp = temporary_sibling(output)
     try:
         facts = write_gguf(artifact, tmp, progress, name=output.stem)
         os.replace(tmp, output)
