@@ -57,16 +57,14 @@ class DataSection(_Strict):
 # A stage is a mapping with one key, the kind (`- quantize: {bits: 4}`), whose options model comes
 # from the stage table (compressor.stages): the list is validated against the table as it is at
 # validation time, so a kind registered later (a plug-in, a test's toy kind) is a recipe stage too.
-_ENTRY_MODELS: dict[int, type[BaseModel]] = {}
+_ENTRY_MODELS: dict[StageKind, type[BaseModel]] = {}
 
 
 def entry_model(kind: StageKind) -> type[BaseModel]:
     """The model of `{kind.name: options}`, made once per registered kind."""
-    model = _ENTRY_MODELS.get(id(kind))
-    if model is None or next(iter(model.model_fields)) != kind.name:
-        model = create_model(f"{kind.name.title()}Entry", __base__=_Strict, **{kind.name: (kind.options, ...)})
-        _ENTRY_MODELS[id(kind)] = model
-    return model
+    if kind not in _ENTRY_MODELS:
+        _ENTRY_MODELS[kind] = create_model(f"{kind.name.title()}Entry", __base__=_Strict, **{kind.name: (kind.options, ...)})
+    return _ENTRY_MODELS[kind]
 
 
 def _stage_kind(value: Any) -> str | None:
